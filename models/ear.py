@@ -1,0 +1,263 @@
+"""EAR: a masked-autoregressive Transformer over continuous tokens with an energy-score head.
+
+An image's VAE latent (B, C, H, W) is cut into L tokens of dimension D. Training masks a random
+subset of tokens (in a random order), runs a bidirectional Transformer over the rest, and trains
+the generator (models/scoreloss.py) to sample each masked token from the Transformer's hidden
+state. Generation starts from an all-masked sequence and fills it in `num_iter` steps, following
+one random order per image, more tokens per step as the sequence fills up (cosine schedule).
+
+Class conditioning is a prefix of `buffer_size` positions holding the class embedding; the learned
+`fake_latent` stands in for the class when it is dropped (training) or when sampling
+unconditionally, which is what classifier-free guidance contrasts against.
+"""
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+from models.scoreloss import ScoreLoss, check_alpha_temperature
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+class EAR(nn.Module):
+    """Energy-based autoregressive image model. Argument names follow the reference release.
+
+    Args:
+        img_size: image side in pixels; vae_stride: pixels per latent position;
+        patch_size: latent positions per token side; vae_embed_dim: latent channels.
+        decoder_embed_dim, decoder_depth, decoder_num_heads, mlp_ratio, norm_layer: Transformer.
+        mask_ratio_min: lower end of the truncated-normal training mask ratio.
+        label_drop_prob: chance, per training sample, of replacing the class by `fake_latent`.
+        class_num: number of classes; buffer_size: class-prefix length.
+        attn_dropout, proj_dropout: dropout inside the Transformer blocks.
+        scoreloss_d, scoreloss_w, noise_channels, alpha, train_temperature: the generator and
+            its loss (models/scoreloss.py).
+        score_batch_mul: each masked token is scored with this many independent sample pairs.
+        grad_checkpointing: recompute block activations in backward to save memory.
+    """
+
+    def __init__(self, img_size=256, vae_stride=16, patch_size=1,
+                 decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
+                 mlp_ratio=4., norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                 vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
+                 attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
+                 scoreloss_d=6, scoreloss_w=1024, score_batch_mul=2, grad_checkpointing=False,
+                 alpha=1.0, noise_channels=64, train_temperature=1.0):
+        super().__init__()
+        if img_size % (vae_stride * patch_size) != 0:
+            raise ValueError(f"img_size {img_size} is not divisible by vae_stride * patch_size "
+                             f"= {vae_stride} * {patch_size}")
+        if not 0.0 <= mask_ratio_min <= 1.0:
+            raise ValueError(f"mask_ratio_min must be in [0, 1], got {mask_ratio_min}")
+        if score_batch_mul < 1:
+            raise ValueError(f"score_batch_mul must be >= 1, got {score_batch_mul}")
+        check_alpha_temperature(alpha, train_temperature)
+        self.vae_embed_dim = vae_embed_dim
+        self.patch_size = patch_size
+        self.seq_h = self.seq_w = img_size // vae_stride // patch_size
+        self.seq_len = self.seq_h * self.seq_w
+        self.token_embed_dim = vae_embed_dim * patch_size ** 2
+        self.class_num = class_num
+        self.buffer_size = buffer_size
+        self.label_drop_prob = label_drop_prob
+        self.mask_ratio_min = mask_ratio_min
+        self.score_batch_mul = score_batch_mul
+        self.grad_checkpointing = grad_checkpointing
+
+        # Registration order is the reference state-dict order.
+        self.fake_latent = nn.Parameter(torch.zeros(1, decoder_embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
+        self.decoder_pos_embed_learned = nn.Parameter(
+            torch.zeros(1, buffer_size + self.seq_len, decoder_embed_dim))
+        self.class_emb = nn.Embedding(class_num, decoder_embed_dim)
+        self.z_proj = nn.Linear(self.token_embed_dim, decoder_embed_dim)
+        self.decoder_blocks = nn.ModuleList([
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True,
+                  norm_layer=norm_layer, proj_drop=proj_dropout, attn_drop=attn_dropout)
+            for _ in range(decoder_depth)])
+        self.decoder_norm = norm_layer(decoder_embed_dim)
+        self.initialize_weights()
+        # Created after the Transformer's initialisation: the generator keeps its own.
+        self.scoreloss = ScoreLoss(self.token_embed_dim, decoder_embed_dim, scoreloss_d,
+                                   scoreloss_w, noise_channels, alpha, train_temperature)
+
+    def initialize_weights(self) -> None:
+        for p in (self.class_emb.weight, self.fake_latent, self.mask_token,
+                  self.decoder_pos_embed_learned):
+            nn.init.normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm) and m.elementwise_affine:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    # ----- tokens -------------------------------------------------------------------------
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, L, C*p*p); tokens row-major, values ordered (c, i, j)."""
+        B, C, H, W = latents.shape
+        p = self.patch_size
+        x = latents.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 1, 3, 5)
+        return x.reshape(B, (H // p) * (W // p), C * p * p)
+
+    def unpatchify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L, C*p*p) -> (B, C, H, W); inverse of `patchify`."""
+        B = tokens.shape[0]
+        p, C, h, w = self.patch_size, self.vae_embed_dim, self.seq_h, self.seq_w
+        x = tokens.reshape(B, h, w, C, p, p).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(B, C, h * p, w * p)
+
+    # ----- masking ------------------------------------------------------------------------
+    def random_orders(self, bsz: int, device) -> torch.Tensor:
+        """One random permutation of the L positions per sample: (B, L) long."""
+        return torch.rand(bsz, self.seq_len, device=device).argsort(dim=1)
+
+    def sample_mask_ratio(self) -> float:
+        """Mask ratio ~ N(1, 0.25) truncated to [mask_ratio_min, 1], by inverse-CDF sampling."""
+        lo, hi = torch.special.ndtr(torch.tensor([(self.mask_ratio_min - 1.0) / 0.25, 0.0],
+                                                 dtype=torch.float64))
+        u = lo + (hi - lo) * torch.rand((), dtype=torch.float64)
+        return float(1.0 + 0.25 * torch.special.ndtri(u))
+
+    def mask_by_order(self, orders: torch.Tensor, num_masked: int) -> torch.Tensor:
+        """Mask (B, L) bool holding True at the first `num_masked` positions of each order."""
+        mask = torch.zeros_like(orders, dtype=torch.bool)
+        return mask.scatter_(1, orders[:, :num_masked], True)
+
+    # ----- Transformer --------------------------------------------------------------------
+    def class_embedding(self, labels, bsz: int, device) -> torch.Tensor:
+        """(B, width) class embeddings; `fake_latent` for labels None and dropped labels."""
+        if labels is None:
+            return self.fake_latent.expand(bsz, -1)
+        emb = self.class_emb(labels)
+        if self.training and self.label_drop_prob > 0:
+            drop = torch.rand(bsz, device=device) < self.label_drop_prob
+            emb = torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
+        return emb
+
+    def forward_transformer(self, tokens: torch.Tensor, cls_emb: torch.Tensor,
+                            mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, D), cls_emb (B, width), mask (B, L) bool -> hidden states (B, L, width)."""
+        x = self.z_proj(tokens)
+        x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        prefix = cls_emb[:, None, :].expand(-1, self.buffer_size, -1).to(x.dtype)
+        x = torch.cat([prefix, x], dim=1) + self.decoder_pos_embed_learned
+        for block in self.decoder_blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        x = self.decoder_norm(x)
+        return x[:, self.buffer_size:]
+
+    # ----- training -----------------------------------------------------------------------
+    def check_inputs(self, imgs: torch.Tensor, labels) -> None:
+        expected = (self.vae_embed_dim, self.seq_h * self.patch_size, self.seq_w * self.patch_size)
+        if imgs.dim() != 4 or tuple(imgs.shape[1:]) != expected:
+            raise ValueError(f"latents must have shape (B, {', '.join(map(str, expected))}) for "
+                             f"this img_size/vae_stride/patch_size, got {tuple(imgs.shape)}")
+        if labels is not None:
+            self.check_labels(labels, imgs.shape[0])
+
+    def check_labels(self, labels: torch.Tensor, bsz: int) -> None:
+        if labels.shape != (bsz,):
+            raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.class_num):
+            raise ValueError(f"labels must be in [0, {self.class_num}), got values in "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
+
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Training loss for scaled latents imgs (B, C, H, W) and class labels (B,)."""
+        self.check_inputs(imgs, labels)
+        bsz = imgs.shape[0]
+        tokens = self.patchify(imgs)
+        orders = self.random_orders(bsz, imgs.device)
+        num_masked = math.ceil(self.seq_len * self.sample_mask_ratio())
+        mask = self.mask_by_order(orders, num_masked)
+        z = self.forward_transformer(tokens, self.class_embedding(labels, bsz, imgs.device), mask)
+        # The masked positions are the first `num_masked` of each order: gather them directly,
+        # so the generator only sees rows that enter the loss.
+        index = orders[:, :num_masked, None]
+        z = z.gather(1, index.expand(-1, -1, z.shape[-1])).flatten(0, 1)
+        target = tokens.gather(1, index.expand(-1, -1, tokens.shape[-1])).flatten(0, 1)
+        k = self.score_batch_mul
+        return self.scoreloss(target.repeat(k, 1), z.repeat(k, 1))
+
+    # ----- generation ---------------------------------------------------------------------
+    def masked_after_step(self, step: int, num_iter: int, num_masked: int) -> int:
+        """Tokens still masked after `step` (cosine schedule), at least 1 and fewer than now."""
+        n = math.floor(self.seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))
+        return max(1, min(num_masked - 1, n))
+
+    @torch.no_grad()
+    def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0,
+                      cfg_schedule: str = "linear", labels: torch.Tensor = None,
+                      infer_temperature: float = 1.0, progress: bool = False) -> torch.Tensor:
+        """Generate latents (B, C, H, W). Call in eval mode (temperature acts only there).
+
+        labels: (B,) class ids, or None for unconditional samples (then guidance is a no-op and
+        is skipped). cfg: guidance scale, applied per step as `cfg_schedule` says.
+        """
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        if not 1 <= num_iter <= self.seq_len:
+            raise ValueError(f"num_iter must be in [1, {self.seq_len}] (the sequence length), "
+                             f"got {num_iter}")
+        device = self.fake_latent.device
+        if labels is not None:
+            labels = labels.to(device)
+            self.check_labels(labels, bsz)
+        guided = cfg != 1.0 and labels is not None
+        cls_emb = self.class_embedding(labels, bsz, device)
+        if guided:
+            cls_emb = torch.cat([cls_emb, self.fake_latent.expand(bsz, -1)])
+        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
+        orders = self.random_orders(bsz, device)
+        num_masked = self.seq_len
+        for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
+            mask = self.mask_by_order(orders, num_masked)
+            x, m = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+            z = self.forward_transformer(x, cls_emb, m)
+            last = step == num_iter - 1
+            remaining = self.masked_after_step(step, num_iter, num_masked)
+            # Fill order[remaining:num_masked] (on the last step everything still masked).
+            index = orders[:, (0 if last else remaining):num_masked]
+            n_fill = index.shape[1]
+            # With guidance the rows come out conditional half first, as scoreloss.sample wants.
+            z = z.gather(1, (torch.cat([index, index]) if guided else index)[..., None]
+                         .expand(-1, -1, z.shape[-1])).flatten(0, 1)
+            if guided and cfg_schedule == "linear":
+                cfg_step = 1 + (cfg - 1) * (self.seq_len - remaining) / self.seq_len
+            else:
+                cfg_step = cfg if guided else 1.0
+            new = self.scoreloss.sample(z, infer_temperature, cfg_step).to(tokens.dtype)
+            tokens.scatter_(1, index[..., None].expand(-1, -1, self.token_embed_dim),
+                            new.reshape(bsz, n_fill, -1))
+            num_masked = 0 if last else remaining
+        return self.unpatchify(tokens)
+
+
+def ear_base(**kwargs) -> EAR:
+    kwargs = {"scoreloss_d": 6, "scoreloss_w": 1024, **kwargs}
+    return EAR(decoder_embed_dim=768, decoder_depth=24, decoder_num_heads=12, **kwargs)
+
+
+def ear_large(**kwargs) -> EAR:
+    kwargs = {"scoreloss_d": 8, "scoreloss_w": 1280, **kwargs}
+    return EAR(decoder_embed_dim=1024, decoder_depth=32, decoder_num_heads=16, **kwargs)
+
+
+def ear_huge(**kwargs) -> EAR:
+    kwargs = {"scoreloss_d": 12, "scoreloss_w": 1536, **kwargs}
+    return EAR(decoder_embed_dim=1280, decoder_depth=40, decoder_num_heads=16, **kwargs)
+
+
+# Named sizes with the generator sizes of the paper; any constructor argument can be overridden.
+ear_models = {"ear_base": ear_base, "ear_large": ear_large, "ear_huge": ear_huge}

@@ -1,0 +1,170 @@
+"""The EAR output head: an MLP generator trained with the energy score.
+
+For every token the Transformer emits a hidden state z. The generator turns z and a fresh
+uniform noise vector into one sample of the token, so calling it twice with the same z gives two
+independent samples x1, x2 from the distribution it has learned for that token. The energy score
+
+    S(x1, x2, y) = tau * ||x1 - x2||^alpha - ||x1 - y||^alpha - ||x2 - y||^alpha
+
+rewards samples that are close to the target y while staying spread out. Its expectation is
+maximised exactly when the generator's distribution equals the data distribution (a strictly
+proper scoring rule for alpha in (0, 2) and tau = 1), so training needs no likelihood.
+"""
+import torch
+import torch.nn as nn
+
+
+def check_alpha_temperature(alpha: float, train_temperature: float) -> None:
+    """Reject loss settings outside the range where the energy score is usable."""
+    if not 0.0 < alpha <= 2.0:
+        raise ValueError(f"alpha must be in (0, 2], got {alpha}: the energy score is strictly "
+                         "proper for alpha in (0, 2) (2 only matches means)")
+    if train_temperature > 1.0:
+        raise ValueError(f"train_temperature must be <= 1, got {train_temperature}: above 1 "
+                         "the loss is unbounded below")
+
+
+def energy_score(x1: torch.Tensor, x2: torch.Tensor, target: torch.Tensor,
+                 alpha: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
+    """Per-row energy score of two samples against a target (higher is better).
+
+    x1, x2, target: (N, D). Returns (N,).
+    """
+    def dist(a, b):
+        # At initialisation the generator outputs exactly 0, so x1 == x2 and the distance is 0,
+        # where d/dn n^alpha is infinite for alpha < 1. Take the power only of positive
+        # distances: same value, gradient 0 at a zero distance instead of NaN.
+        n = torch.linalg.vector_norm(a - b, dim=-1)
+        positive = n > 0
+        return torch.where(positive, torch.where(positive, n, 1.0).pow(alpha), 0.0)
+    return temperature * dist(x1, x2) - dist(x1, target) - dist(x2, target)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+class ResBlock(nn.Module):
+    """Residual MLP block whose LayerNorm is shifted, scaled and gated by the noise embedding."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.in_ln = nn.LayerNorm(width, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, noise_emb: torch.Tensor, temperature: float) -> torch.Tensor:
+        """x, noise_emb: (N, w). `temperature` multiplies the shift (eval mode only)."""
+        shift, scale, gate = self.adaLN_modulation(noise_emb).chunk(3, dim=-1)
+        if not self.training:
+            shift = shift * temperature
+        h = self.mlp(modulate(self.in_ln(x), shift, scale))
+        return x + gate * h
+
+
+class FinalLayer(nn.Module):
+    """Noise-modulated LayerNorm (no affine) followed by the projection to the token."""
+
+    def __init__(self, width: int, out_dim: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
+        self.linear = nn.Linear(width, out_dim)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: torch.Tensor, noise_emb: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(noise_emb).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class NoiseMLP(nn.Module):
+    """Generator: (hidden state z, uniform noise) -> one token sample.
+
+    Args:
+        in_dim: width of the Transformer's hidden state z.
+        width: the MLP's width (`scoreloss_w`).
+        depth: number of residual blocks (`scoreloss_d`).
+        out_dim: token dimension.
+        noise_channels: dimension of the input noise.
+    """
+
+    def __init__(self, in_dim: int, width: int, depth: int, out_dim: int, noise_channels: int):
+        super().__init__()
+        self.noise_channels = noise_channels
+        self.noise_embed = nn.Linear(noise_channels, width)
+        self.input_proj = nn.Linear(in_dim, width)
+        self.res_blocks = nn.ModuleList([ResBlock(width) for _ in range(depth)])
+        self.final_layer = FinalLayer(width, out_dim)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        # Zero the modulation outputs and the last projection: an untrained generator outputs 0,
+        # and every residual block starts as the identity.
+        zero = [blk.adaLN_modulation[-1] for blk in self.res_blocks]
+        zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """z: (N, in_dim), noise: (N, noise_channels) -> samples (N, out_dim)."""
+        x = self.input_proj(z)
+        noise_emb = self.noise_embed(noise)
+        for block in self.res_blocks:
+            x = block(x, noise_emb, temperature)
+        return self.final_layer(x, noise_emb)
+
+
+class ScoreLoss(nn.Module):
+    """Energy-score loss and sampler around the `NoiseMLP` generator (`self.net`).
+
+    Args:
+        target_channels: token dimension D.
+        z_channels: width of the conditioning hidden state.
+        depth, width: generator size (`scoreloss_d`, `scoreloss_w`).
+        noise_channels: dimension of the Uniform[-0.5, 0.5] input noise.
+        alpha: exponent of the distances, in (0, 2].
+        train_temperature: weight tau <= 1 of the sample-sample distance in the loss.
+    """
+
+    def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
+                 noise_channels: int = 64, alpha: float = 1.0, train_temperature: float = 1.0):
+        super().__init__()
+        check_alpha_temperature(alpha, train_temperature)
+        self.alpha = alpha
+        self.train_temperature = train_temperature
+        self.net = NoiseMLP(z_channels, width, depth, target_channels, noise_channels)
+
+    def generate(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """One sample per row of z (N, C), with fresh noise for every row -> (N, D)."""
+        noise = torch.rand(z.shape[0], self.net.noise_channels, device=z.device, dtype=z.dtype) - 0.5
+        return self.net(z, noise, temperature)
+
+    def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+        """Mean negative energy score.
+
+        target: (N, D), z: (N, C), mask: optional (N,), 1 = row enters the loss. Rows with mask 0
+        are dropped before the generator runs, so they cost nothing and change nothing.
+        """
+        if mask is not None:
+            keep = mask.bool()
+            target, z = target[keep], z[keep]
+        x1, x2 = self.generate(torch.cat([z, z])).chunk(2)
+        score = energy_score(x1, x2, target, self.alpha, self.train_temperature)
+        return -score.mean()
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, infer_temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+        """Draw one token per conditioning row.
+
+        z: (N, C). With cfg != 1, z is the conditional half followed by the unconditional half
+        (N = 2M); guidance mixes the hidden states, z = cfg * z_cond + (1 - cfg) * z_uncond,
+        before the generator, and M samples are returned. Returns (N or N/2, D).
+        """
+        if cfg != 1.0:
+            z_cond, z_uncond = z.chunk(2)
+            z = cfg * z_cond + (1 - cfg) * z_uncond
+        return self.generate(z, infer_temperature)
