@@ -1,7 +1,10 @@
 """The named model sizes must be checkpoint-compatible with the reference release."""
+import json
+
 import pytest
 import torch
 
+from conftest import SHARED_MANIFEST
 from models.ear import ear_models
 
 PARAMS_M = {"ear_base": 205.6, "ear_large": 474.8, "ear_huge": 937.3}
@@ -18,3 +21,8 @@ def test_state_dict_matches_reference(name, manifest):
     assert ours == ref  # same shapes, same order
     n_params = sum(p.numel() for p in model.parameters())
     assert round(n_params / 1e6, 1) == PARAMS_M[name]
+
+
+@pytest.mark.skipif(not SHARED_MANIFEST.is_file(), reason="no shared/ folder beside this clone")
+def test_vendored_manifest_is_the_shared_one(manifest):
+    assert manifest == json.loads(SHARED_MANIFEST.read_text())
