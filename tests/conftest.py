@@ -19,3 +19,56 @@ def manifest():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_script(script: str, args, nproc: int = 1, timeout: float = 300, check: bool = True):
+    """Run an entry point of this repo as a user would: `python script` or `torchrun`."""
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+                f"--master_port={free_port()}"]
+    cmd += [str(REPO / script), *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                             f"{proc.stderr[-5000:]}")
+    return proc
+
+
+def make_image_folder(root: Path, per_class: int = 3, classes=("cat", "dog", "zebra")) -> Path:
+    """A small ImageNet-style folder: JPEG and PNG, non-square, grayscale, RGBA and palette."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    kinds = [("RGB", ".JPEG", (40, 29)), ("L", ".png", (33, 50)), ("RGBA", ".png", (64, 64)),
+             ("P", ".png", (37, 37)), ("RGB", ".jpg", (90, 45))]
+    for c, cls in enumerate(classes):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            mode, ext, size = kinds[(c + i) % len(kinds)]
+            arr = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+            img = Image.fromarray(arr).convert(mode)
+            img.save(root / cls / f"{cls}_{i:03d}{ext}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def random_vae_ckpt(tmp_path_factory):
+    """A KL-16 VAE with random weights, saved in the reference .ckpt format ({"model": sd})."""
+    from models.vae import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL()
+    path = tmp_path_factory.mktemp("vae") / "kl16.ckpt"
+    torch.save({"model": vae.state_dict()}, path)
+    return path

@@ -1,0 +1,77 @@
+"""Reading weights safely, loading them strictly, and writing files atomically."""
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Mapping
+
+import torch
+import torch.nn as nn
+
+
+def atomic_write(path, write: Callable) -> None:
+    """Call write(file) on a temporary file beside `path`, then rename it over `path`.
+
+    A crash at any point leaves either the old file or the new one, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_atomic(obj, path) -> None:
+    """torch.save with atomic replacement."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def read_weights(path, nested_keys: Iterable[str] = ()) -> Mapping[str, torch.Tensor]:
+    """Tensors from a `.safetensors` file or a torch checkpoint (loaded with weights_only=True).
+
+    A torch checkpoint may hold the state dict directly or under one of `nested_keys`
+    (the reference `kl16.ckpt` keeps it under `model`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+    for key in nested_keys:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    found = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"{path}: expected a state dict or a dict with one of {list(nested_keys)}, "
+                     f"found {found}")
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           source: str) -> None:
+    """Load every tensor; any missing, unexpected or mis-shaped key is an error naming it."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    mismatched = [f"{k}: file {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    problems = []
+    for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                       ("shape mismatches", mismatched)):
+        if keys:
+            shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
+            problems.append(f"{what}: {shown}")
+    if problems:
+        raise ValueError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
+    module.load_state_dict(state_dict, strict=True)

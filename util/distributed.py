@@ -1,0 +1,97 @@
+"""One place for process-group set-up and the collective helpers the entry points use.
+
+Works in a single process, under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), under SLURM
+(SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT set by the job script)
+and on Azure ITP / OpenMPI (`--dist_on_itp`). NCCL on CUDA, gloo on CPU.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _launcher_env(dist_on_itp: bool):
+    """(rank, world_size, local_rank) from the launcher's environment, or None if single."""
+    env = os.environ
+    if dist_on_itp:
+        env.setdefault("MASTER_ADDR", env.get("AZ_BATCH_MASTER_NODE", "").split(":")[0] or "127.0.0.1")
+        env.setdefault("MASTER_PORT", env.get("AZ_BATCH_MASTER_NODE", ":29500").split(":")[-1])
+        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                int(env["OMPI_COMM_WORLD_LOCAL_RANK"]))
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            raise RuntimeError("running under SLURM with several tasks: export MASTER_ADDR and "
+                               "MASTER_PORT in the job script (e.g. the first node's host name)")
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init_distributed(device: str = "cuda", dist_url: str = "env://", dist_on_itp: bool = False) -> DistInfo:
+    """Join the process group if a launcher started us; pick this process's device.
+
+    device: "cuda" or "cpu" (or "cuda:N" in a single process). Falls back to the CPU, with a
+    warning, when CUDA was asked for but is not available.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"warning: --device {device} requested but CUDA is not available; using the CPU")
+        device = "cpu"
+    launched = _launcher_env(dist_on_itp)
+    if launched is None:
+        return DistInfo(device=torch.device(device))
+    rank, world_size, local_rank = launched
+    if device.startswith("cuda"):
+        torch.cuda.set_device(local_rank)
+        dev, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=world_size,
+                            device_id=dev if backend == "nccl" else None)
+    return DistInfo(rank, world_size, local_rank, dev)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values, device) -> list:
+    """Element-wise sum over ranks of a list of numbers (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (a one-element list in a single process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

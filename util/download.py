@@ -1,0 +1,101 @@
+"""Fetch the pretrained KL-16 VAE and the ADM ImageNet-256 FID statistics, and verify them.
+
+    python util/download.py              # both
+    python util/download.py --vae        # only the VAE
+    python util/download.py --fid_stats  # only the statistics
+
+The VAE comes from the Hugging Face repo `jadechoghari/mar` as `kl16.safetensors`; after a
+strict load test it is also written as `kl16.ckpt` (reference format: {"model": state_dict}),
+the path the reference commands use. The statistics are checked for `mu` (2048,) and
+`sigma` (2048, 2048). The SHA-256 of every file is printed for your records.
+"""
+import argparse
+import hashlib
+import shutil
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python util/download.py`: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models.vae import AutoencoderKL  # noqa: E402
+from util.checkpoint import atomic_write, load_state_dict_strict, read_weights, save_atomic  # noqa: E402
+from util.fid import load_fid_stats  # noqa: E402
+
+VAE_REPO = "jadechoghari/mar"
+VAE_FILE = "kl16.safetensors"
+# The ADM statistics as distributed with MAR (mu and sigma only, ~32 MB). ADM's own reference
+# batch (VIRTUAL_imagenet256_labeled.npz, 1.6 GB, also holds mu and sigma) works as --fid_url too.
+FID_URL = "https://raw.githubusercontent.com/LTH14/mar/main/fid_stats/adm_in256_stats.npz"
+
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_vae(dest_dir="pretrained_models/vae", repo_id=VAE_REPO, filename=VAE_FILE) -> Path:
+    """Download the VAE, load it strictly, and write `kl16.safetensors` and `kl16.ckpt`."""
+    from huggingface_hub import hf_hub_download
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
+        downloaded = Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=tmp))
+        state_dict = read_weights(downloaded)
+        # The load test: every key and shape of KL-16, nothing extra, all values finite.
+        load_state_dict_strict(AutoencoderKL(), state_dict, source=f"{repo_id}/{filename}")
+        bad = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"{repo_id}/{filename}: non-finite values in {bad[:5]}")
+        target = dest_dir / "kl16.safetensors"
+        shutil.move(str(downloaded), target)
+    save_atomic({"model": dict(state_dict)}, dest_dir / "kl16.ckpt")
+    for f in (target, dest_dir / "kl16.ckpt"):
+        print(f"{f}: {f.stat().st_size / 1e6:.1f} MB, sha256 {sha256(f)}")
+    return dest_dir / "kl16.ckpt"
+
+
+def fetch_fid_stats(dest="fid_stats/adm_in256_stats.npz", url=FID_URL, expected_sha256=None) -> Path:
+    """Download the statistics, check them, and keep only `mu` and `sigma` at `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        raw = Path(tmp) / "download.npz"
+        with urllib.request.urlopen(url) as response, open(raw, "wb") as f:
+            shutil.copyfileobj(response, f)
+        digest = sha256(raw)
+        if expected_sha256 and digest != expected_sha256:
+            raise ValueError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
+        mu, sigma = load_fid_stats(raw)
+    atomic_write(dest, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    print(f"{dest}: from {url} (sha256 {digest}); mu {mu.shape}, sigma {sigma.shape}")
+    return dest
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vae", action="store_true", help="fetch only the VAE")
+    p.add_argument("--fid_stats", action="store_true", help="fetch only the FID statistics")
+    p.add_argument("--vae_dir", default="pretrained_models/vae")
+    p.add_argument("--fid_dest", default="fid_stats/adm_in256_stats.npz")
+    p.add_argument("--fid_url", default=FID_URL)
+    p.add_argument("--fid_sha256", default=None, help="expected SHA-256 of the statistics download")
+    args = p.parse_args(argv)
+    both = not (args.vae or args.fid_stats)
+    if args.vae or both:
+        fetch_vae(args.vae_dir)
+    if args.fid_stats or both:
+        fetch_fid_stats(args.fid_dest, args.fid_url, args.fid_sha256)
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
