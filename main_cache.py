@@ -2,9 +2,9 @@
 
     torchrun --nproc_per_node=8 main_cache.py --img_size 256 \
         --vae_path pretrained_models/vae/kl16.ckpt --vae_embed_dim 16 --batch_size 128 \
-        --data_path ${IMAGENET_PATH}/train --cached_path ${CACHED_PATH}
+        --data_path ${IMAGENET_PATH} --cached_path ${CACHED_PATH}
 
-Every image is encoded with its horizontal flip and written to
+The images are read from `<data_path>/train/<class>/<file>`. Every image is encoded with its horizontal flip and written to
 `<cached_path>/<class>/<file name>.npz` (keys `moments`, `moments_flip`, float32 (2C, h, w)).
 Ranks take disjoint slices of the sorted file list, so each image is written exactly once;
 every file appears atomically, so a killed job simply reruns and skips what is already there.
@@ -23,7 +23,7 @@ from models.vae import load_vae
 from util.args import cache_parser, check_positive
 from util.checkpoint import atomic_write
 from util.distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from util.loader import ImageFolderWithFilename, image_transform
+from util.loader import ImageFolderWithFilename, image_transform, train_folder
 from util.precision import autocast, resolve_precision
 
 FAILED_LIST = "failed_images.txt"
@@ -80,8 +80,9 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --img_size must be a multiple of 16 (the VAE stride), got {args.img_size}")
     if not args.cached_path:
         raise SystemExit("error: --cached_path is required: the folder to write the cache to")
-    if not Path(args.data_path).is_dir():
-        raise SystemExit(f"error: --data_path {args.data_path}: no such folder")
+    if not train_folder(args.data_path).is_dir():
+        raise SystemExit(f"error: --data_path {args.data_path}: expected the training images in "
+                         f"{train_folder(args.data_path)}/<class>/<image> (the ImageNet layout)")
 
 
 def report(args, counts, failures, seconds: float) -> None:
@@ -104,7 +105,7 @@ def main(args) -> None:
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp)
     torch.manual_seed(args.seed + info.rank)
     precision = resolve_precision(args.precision, info.device, cuda_default="bf16")
-    dataset = ImageFolderWithFilename(args.data_path, image_transform(args.img_size, random_flip=False),
+    dataset = ImageFolderWithFilename(train_folder(args.data_path), image_transform(args.img_size, random_flip=False),
                                       skip_bad=args.skip_bad)
     for cls in dataset.classes:
         (Path(args.cached_path) / cls).mkdir(parents=True, exist_ok=True)

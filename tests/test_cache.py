@@ -22,12 +22,15 @@ def cache_args(data, cache, vae, *extra):
 
 
 def all_images(data: Path):
-    return sorted(p.relative_to(data).as_posix() for p in data.glob("*/*") if p.is_file())
+    train = data / "train"
+    return sorted(p.relative_to(train).as_posix() for p in train.glob("*/*") if p.is_file())
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("images"))
+    root = tmp_path_factory.mktemp("images")
+    make_image_folder(root / "train")
+    return root
 
 
 def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, random_vae_ckpt):
@@ -39,7 +42,7 @@ def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, ra
     assert f'"written": {len(images)}, "skipped": 0, "failed": 0' in proc.stdout
 
     vae = load_vae(random_vae_ckpt)
-    dataset = ImageFolderWithFilename(image_folder, image_transform(IMG, random_flip=False))
+    dataset = ImageFolderWithFilename(image_folder / "train", image_transform(IMG, random_flip=False))
     for i in range(len(dataset)):
         img, _, rel, _ = dataset[i]
         arrays = load_cached_moments(cache / f"{rel}.npz", expected_shape=(32, IMG // 16, IMG // 16))
@@ -58,7 +61,8 @@ def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, ra
 
 
 def test_killed_job_resumes_without_corrupt_or_missing_files(tmp_path, random_vae_ckpt):
-    data = make_image_folder(tmp_path / "images", per_class=20)
+    data = tmp_path / "images"
+    make_image_folder(data / "train", per_class=20)
     cache = tmp_path / "cache"
     args = cache_args(data, cache, random_vae_ckpt, "--batch_size", 1)
     cmd = [sys.executable, str(REPO / "main_cache.py"), *map(str, args)]
@@ -82,8 +86,9 @@ def test_killed_job_resumes_without_corrupt_or_missing_files(tmp_path, random_va
 
 
 def test_unreadable_image_stops_or_is_skipped(tmp_path, random_vae_ckpt):
-    data = make_image_folder(tmp_path / "images", per_class=2)
-    (data / "dog" / "broken.JPEG").write_bytes(b"not an image")
+    data = tmp_path / "images"
+    make_image_folder(data / "train", per_class=2)
+    (data / "train" / "dog" / "broken.JPEG").write_bytes(b"not an image")
     cache = tmp_path / "cache"
     proc = run_script("main_cache.py", cache_args(data, cache, random_vae_ckpt), check=False)
     assert proc.returncode != 0
@@ -96,11 +101,11 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path, random_vae_ckpt):
 
 
 def test_cached_and_image_loaders_agree_on_classes(image_folder, tmp_path):
-    images = ImageFolderWithFilename(image_folder, image_transform(IMG, random_flip=False))
+    images = ImageFolderWithFilename(image_folder / "train", image_transform(IMG, random_flip=False))
     for cls in images.classes:
         (tmp_path / cls).mkdir()
     for path, label in images.samples:
-        rel = Path(path).relative_to(image_folder).as_posix()
+        rel = Path(path).relative_to(image_folder / "train").as_posix()
         arr = np.zeros((32, 2, 2), np.float32)
         np.savez(tmp_path / f"{rel}.npz", moments=arr + label, moments_flip=arr - label)
     cached = CachedFolder(tmp_path, expected_shape=(32, 2, 2))
@@ -133,6 +138,11 @@ def test_empty_or_missing_cache_folder_is_an_error(tmp_path):
     (tmp_path / "cls").mkdir()
     with pytest.raises(FileNotFoundError, match="no .npz files"):
         CachedFolder(tmp_path)
+
+
+def test_data_path_without_train_folder_is_a_clear_error(tmp_path, random_vae_ckpt):
+    proc = run_script("main_cache.py", cache_args(tmp_path, tmp_path / "c", random_vae_ckpt), check=False)
+    assert proc.returncode != 0 and "/train/<class>/<image>" in proc.stderr
 
 
 def test_cache_help_lists_the_reference_flags():

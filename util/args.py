@@ -12,7 +12,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="KL-16 VAE weights, .ckpt or .safetensors (python util/download.py)")
     g.add_argument("--vae_embed_dim", type=int, default=16, help="VAE latent channels")
     g.add_argument("--data_path", default="./data/imagenet",
-                   help="image folder with one sub-folder per class (ImageNet: its train/ folder)")
+                   help="dataset root; training images in <data_path>/train/<class>/<image>")
     g.add_argument("--cached_path", default="", help="folder of cached VAE latents (main_cache.py)")
     g.add_argument("--batch_size", type=int, default=16, help="images per process and step")
     g.add_argument("--num_workers", type=int, default=10, help="data-loading worker processes")

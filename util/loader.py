@@ -17,6 +17,11 @@ from util.crop import center_crop_arr
 CACHE_KEYS = ("moments", "moments_flip")
 
 
+def train_folder(data_path) -> Path:
+    """Training images live in `<data_path>/train/<class>/<image>`, as in ImageNet's layout."""
+    return Path(data_path) / "train"
+
+
 def image_transform(img_size: int, random_flip: bool) -> transforms.Compose:
     """ADM centre crop -> optional random horizontal flip -> tensor in [-1, 1], (3, S, S)."""
     steps = [transforms.Lambda(lambda im: center_crop_arr(im, img_size))]
