@@ -244,20 +244,27 @@ class EAR(nn.Module):
         return self.unpatchify(tokens)
 
 
+# The paper's model sizes (Transformer and generator); constructor arguments override them.
+MODEL_SIZES = {
+    "ear_base": dict(decoder_embed_dim=768, decoder_depth=24, decoder_num_heads=12,
+                     scoreloss_d=6, scoreloss_w=1024),
+    "ear_large": dict(decoder_embed_dim=1024, decoder_depth=32, decoder_num_heads=16,
+                      scoreloss_d=8, scoreloss_w=1280),
+    "ear_huge": dict(decoder_embed_dim=1280, decoder_depth=40, decoder_num_heads=16,
+                     scoreloss_d=12, scoreloss_w=1536),
+}
+
+
 def ear_base(**kwargs) -> EAR:
-    kwargs = {"scoreloss_d": 6, "scoreloss_w": 1024, **kwargs}
-    return EAR(decoder_embed_dim=768, decoder_depth=24, decoder_num_heads=12, **kwargs)
+    return EAR(**{**MODEL_SIZES["ear_base"], **kwargs})
 
 
 def ear_large(**kwargs) -> EAR:
-    kwargs = {"scoreloss_d": 8, "scoreloss_w": 1280, **kwargs}
-    return EAR(decoder_embed_dim=1024, decoder_depth=32, decoder_num_heads=16, **kwargs)
+    return EAR(**{**MODEL_SIZES["ear_large"], **kwargs})
 
 
 def ear_huge(**kwargs) -> EAR:
-    kwargs = {"scoreloss_d": 12, "scoreloss_w": 1536, **kwargs}
-    return EAR(decoder_embed_dim=1280, decoder_depth=40, decoder_num_heads=16, **kwargs)
+    return EAR(**{**MODEL_SIZES["ear_huge"], **kwargs})
 
 
-# Named sizes with the generator sizes of the paper; any constructor argument can be overridden.
 ear_models = {"ear_base": ear_base, "ear_large": ear_large, "ear_huge": ear_huge}

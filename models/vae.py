@@ -12,6 +12,10 @@ import torch.nn.functional as F
 
 from util.checkpoint import load_state_dict_strict, read_weights
 
+# Scales KL-16 latents to roughly unit variance: EAR trains on sample() * LATENT_SCALE and
+# decodes tokens / LATENT_SCALE.
+LATENT_SCALE = 0.2325
+
 
 def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(32, channels, eps=1e-6)

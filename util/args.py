@@ -53,3 +53,82 @@ def cache_parser() -> argparse.ArgumentParser:
                    help="log unreadable images to <cached_path>/failed_images.txt and continue "
                         "(default: stop at the first one)")
     return p
+
+
+# Arguments that define the network: a resumed checkpoint must agree on all of them.
+MODEL_ARGS = ("model", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num",
+              "buffer_size", "scoreloss_d", "scoreloss_w", "noise_channels")
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ear_base", choices=["ear_base", "ear_large", "ear_huge"],
+                   help="named model size")
+    for name, what in (("decoder_embed_dim", "width"), ("decoder_depth", "depth"),
+                       ("decoder_num_heads", "attention heads")):
+        g.add_argument(f"--{name}", type=int, default=None,
+                       help=f"Transformer {what} (default: the named size's)")
+    g.add_argument("--vae_stride", type=int, default=16, help="pixels per latent position")
+    g.add_argument("--patch_size", type=int, default=1, help="latent positions per token side")
+    g.add_argument("--class_num", type=int, default=1000, help="number of classes")
+    g.add_argument("--buffer_size", type=int, default=64, help="class-prefix positions")
+    g.add_argument("--mask_ratio_min", type=float, default=0.7, help="lowest training mask ratio")
+    g.add_argument("--label_drop_prob", type=float, default=0.1,
+                   help="chance of dropping the class during training (for guidance)")
+    g.add_argument("--attn_dropout", type=float, default=0.1)
+    g.add_argument("--proj_dropout", type=float, default=0.1)
+    g.add_argument("--grad_checkpointing", action="store_true",
+                   help="recompute Transformer activations in backward to save memory")
+    g = p.add_argument_group("generator and energy score")
+    g.add_argument("--scoreloss_d", type=int, default=None,
+                   help="generator depth (default: the named size's, 6/8/12)")
+    g.add_argument("--scoreloss_w", type=int, default=None,
+                   help="generator width (default: the named size's, 1024/1280/1536)")
+    g.add_argument("--noise_channels", type=int, default=64, help="generator input-noise dimension")
+    g.add_argument("--alpha", type=float, default=1.0, help="energy-score exponent, in (0, 2]")
+    g.add_argument("--train_temperature", type=float, default=1.0,
+                   help="weight (<= 1) of the sample-sample distance in the loss")
+    g.add_argument("--infer_temperature", type=float, default=1.0,
+                   help="sampling temperature (scales the generator's residual shifts)")
+    g.add_argument("--score_batch_mul", type=int, default=2,
+                   help="independent sample pairs per masked token")
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=400)
+    g.add_argument("--accumulation_steps", type=int, default=1,
+                   help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=None,
+                   help="absolute learning rate (default: blr * global batch / 256)")
+    g.add_argument("--blr", type=float, default=1e-4, help="learning rate per 256 images")
+    g.add_argument("--min_lr", type=float, default=0.0, help="final lr of the cosine schedule")
+    g.add_argument("--lr_schedule", default="constant", choices=["constant", "cosine"])
+    g.add_argument("--warmup_epochs", type=float, default=100, help="linear warm-up, in epochs")
+    g.add_argument("--weight_decay", type=float, default=0.02)
+    g.add_argument("--score_lrscale", type=float, default=0.25,
+                   help="lr multiplier for the generator's weight matrices")
+    g.add_argument("--grad_clip", type=float, default=3.0, help="max gradient norm (0: off)")
+    g.add_argument("--ema_rate", type=float, default=0.9999)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g = p.add_argument_group("data source")
+    g.add_argument("--use_cached", action="store_true",
+                   help="train on cached latents from --cached_path instead of encoding images")
+    g = p.add_argument_group("output and resume")
+    g.add_argument("--output_dir", default="./output_dir", help="checkpoints go here")
+    g.add_argument("--log_dir", default="./output_dir", help="TensorBoard logs go here")
+    g.add_argument("--resume", default="",
+                   help="folder holding checkpoint-last.pth to continue from (none there: start fresh)")
+    g.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
+    g.add_argument("--save_last_freq", type=int, default=5,
+                   help="write checkpoint-last.pth every this many epochs (and at the end)")
+    g.add_argument("--print_freq", type=int, default=20, help="log every this many steps")
+
+
+def train_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train (or evaluate) an EAR model.")
+    add_data_args(p)
+    add_model_args(p)
+    add_train_args(p)
+    add_system_args(p)
+    return p

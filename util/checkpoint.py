@@ -1,4 +1,6 @@
-"""Reading weights safely, loading them strictly, and writing files atomically."""
+"""Reading weights safely, loading them strictly, writing files atomically, and the training
+checkpoint (`checkpoint-last.pth`, the reference format)."""
+import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -12,9 +14,12 @@ def atomic_write(path, write: Callable) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path`.
 
     A crash at any point leaves either the old file or the new one, never half of one.
+    Each target has a single writer, so temporaries of earlier, killed writes can be removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -58,14 +63,13 @@ def read_weights(path, nested_keys: Iterable[str] = ()) -> Mapping[str, torch.Te
                      f"found {found}")
 
 
-def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
-                           source: str) -> None:
-    """Load every tensor; any missing, unexpected or mis-shaped key is an error naming it."""
-    expected = module.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    mismatched = [f"{k}: file {tuple(state_dict[k].shape)}, model {tuple(v.shape)}"
-                  for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                     source: str, owner: str) -> None:
+    """Raise naming every missing, unexpected or mis-shaped key of `given`."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [f"{k}: file {tuple(given[k].shape)}, model {tuple(v.shape)}"
+                  for k, v in expected.items() if k in given and given[k].shape != v.shape]
     problems = []
     for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                        ("shape mismatches", mismatched)):
@@ -73,5 +77,49 @@ def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Ten
             shown = ", ".join(keys[:10]) + (f" ... ({len(keys)} in all)" if len(keys) > 10 else "")
             problems.append(f"{what}: {shown}")
     if problems:
-        raise ValueError(f"{source} does not match {type(module).__name__}: " + "; ".join(problems))
+        raise ValueError(f"{source} does not match {owner}: " + "; ".join(problems))
+
+
+def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
+                           source: str) -> None:
+    """Load every tensor; any missing, unexpected or mis-shaped key is an error naming it."""
+    check_state_dict(module.state_dict(), state_dict, source, type(module).__name__)
     module.load_state_dict(state_dict, strict=True)
+
+
+CHECKPOINT_NAME = "checkpoint-last.pth"
+
+
+def save_training_checkpoint(output_dir, model, ema, optimizer, scaler, epoch: int,
+                             args: argparse.Namespace) -> Path:
+    """Write `checkpoint-last.pth` atomically: model, model_ema, optimizer, epoch, scaler, args."""
+    path = Path(output_dir) / CHECKPOINT_NAME
+    save_atomic({"model": model.state_dict(), "model_ema": ema.state_dict(),
+                 "optimizer": optimizer.state_dict(), "epoch": epoch,
+                 "scaler": scaler.state_dict(), "args": args}, path)
+    return path
+
+
+def load_training_checkpoint(path) -> dict:
+    """Load a training checkpoint with weights_only=True; `args` (a Namespace) is allow-listed."""
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable training checkpoint ({e})") from e
+    missing = [k for k in ("model", "epoch") if k not in ckpt]
+    if missing:
+        raise ValueError(f"{path}: missing entries {missing}; found {sorted(ckpt)}")
+    return ckpt
+
+
+def check_same_config(saved: argparse.Namespace, current: argparse.Namespace, names, source) -> None:
+    """Resuming must not change the network: compare the arguments that define it."""
+    if saved is None:
+        return
+    saved = vars(saved)
+    diffs = [f"--{n} is {getattr(current, n)!r} here but {saved[n]!r} in the checkpoint"
+             for n in names if n in saved and saved[n] != getattr(current, n)]
+    if diffs:
+        raise ValueError(f"cannot resume from {source}: " + "; ".join(diffs))

@@ -95,3 +95,14 @@ def all_gather_objects(obj) -> list:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def check_replicas_in_sync(model: torch.nn.Module) -> str:
+    """Compare a checksum of the parameters across ranks; raise if any rank has drifted."""
+    params = [p.detach().double() for p in model.parameters()]
+    local = torch.stack([sum(p.sum() for p in params), sum(p.abs().sum() for p in params)])
+    sums = all_gather_objects(local.cpu().tolist())
+    if any(s != sums[0] for s in sums):
+        raise RuntimeError(f"model replicas differ across ranks (checksums {sums})")
+    return f"weights identical on all {len(sums)} rank(s) (checksum {sums[0][0]:.10g})"

@@ -1,0 +1,185 @@
+"""Train EAR on ImageNet latents (cached or encoded on the fly), single process or torchrun.
+
+    torchrun --nproc_per_node=8 main_ear.py --model ear_base --use_cached \
+        --cached_path ${CACHED_PATH} --data_path ${IMAGENET_PATH} \
+        --output_dir ${OUTPUT_DIR} --resume ${OUTPUT_DIR} ...
+
+See README.md for the paper's commands. `--resume DIR` continues from DIR/checkpoint-last.pth
+when it exists (model, EMA, optimizer, loss scaler; the next epoch) and starts fresh otherwise.
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from engine_ear import LatentBatches, NonFiniteLoss, TrainState, train_one_epoch
+from models.ear import MODEL_SIZES, ear_models
+from models.vae import load_vae
+from util.args import MODEL_ARGS, check_positive, train_parser
+from util.checkpoint import (CHECKPOINT_NAME, check_same_config, check_state_dict,
+                             load_state_dict_strict, load_training_checkpoint,
+                             save_training_checkpoint)
+from util.distributed import DistInfo, check_replicas_in_sync, cleanup, init_distributed
+from util.loader import CachedFolder, image_transform, train_folder
+from util.optim import EMA, param_groups
+from util.precision import resolve_precision
+
+
+def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
+    """Fill in derived values (so the saved `args` are concrete) and reject bad settings."""
+    check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
+                   "save_last_freq", "print_freq")
+    for name, value in MODEL_SIZES[args.model].items():  # unset sizes: the named model's
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.world_size = info.world_size
+    if args.lr is None:  # linear scaling rule on the global batch
+        args.lr = args.blr * args.batch_size * info.world_size * args.accumulation_steps / 256
+    if args.img_size % (args.vae_stride * args.patch_size):
+        raise SystemExit(f"error: --img_size {args.img_size} must be divisible by --vae_stride "
+                         f"* --patch_size = {args.vae_stride * args.patch_size}")
+
+
+def build_dataset(args):
+    """Cached moments (--use_cached) or images; checks the classes and the latent shape."""
+    if args.use_cached:
+        if not args.cached_path:
+            raise SystemExit("error: --use_cached needs --cached_path (the main_cache.py output)")
+        side = args.img_size // args.vae_stride
+        dataset = CachedFolder(args.cached_path, expected_shape=(2 * args.vae_embed_dim, side, side))
+        dataset[0]  # fail now, not mid-epoch, if the cache does not match the flags
+        source = f"--cached_path {args.cached_path}"
+    else:
+        folder = train_folder(args.data_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--data_path {args.data_path}: expected training images in "
+                                    f"{folder}/<class>/<image>")
+        from torchvision.datasets import ImageFolder
+        from util.loader import load_rgb
+        dataset = ImageFolder(folder, image_transform(args.img_size, random_flip=True), loader=load_rgb)
+        source = f"--data_path {args.data_path}"
+    if len(dataset.classes) != args.class_num:
+        raise SystemExit(f"error: {source} has {len(dataset.classes)} class folders but "
+                         f"--class_num is {args.class_num}")
+    return dataset
+
+
+def build_loader(dataset, args, info: DistInfo) -> DataLoader:
+    # A distributed sampler even in one process: shuffling then depends only on (seed, epoch).
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                 shuffle=True, drop_last=True, seed=args.seed)
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
+                        num_workers=args.num_workers, drop_last=True,
+                        pin_memory=args.pin_mem and info.device.type == "cuda")
+    if len(loader) < args.accumulation_steps:
+        raise SystemExit(f"error: {len(dataset)} samples give {len(loader)} batches of "
+                         f"{args.batch_size} per process, fewer than --accumulation_steps "
+                         f"{args.accumulation_steps}")
+    return loader
+
+
+def build_model(args):
+    names = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "img_size", "vae_stride", "patch_size", "vae_embed_dim", "mask_ratio_min",
+             "label_drop_prob", "class_num", "attn_dropout", "proj_dropout", "buffer_size",
+             "scoreloss_d", "scoreloss_w", "score_batch_mul", "grad_checkpointing", "alpha",
+             "noise_channels", "train_temperature")
+    try:
+        return ear_models[args.model](**{n: getattr(args, n) for n in names})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+def build_train_state(model, args, info: DistInfo) -> TrainState:
+    precision = resolve_precision(args.precision, info.device, cuda_default="fp16")
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.score_lrscale),
+                                  lr=args.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+    ema = EMA(model, args.ema_rate)
+    ddp = None
+    train_model = model
+    if info.distributed:
+        ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        train_model = ddp
+    if args.compile:
+        train_model = torch.compile(train_model)
+    return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
+
+
+def resume(state: TrainState, args) -> int:
+    """Restore from <resume>/checkpoint-last.pth if present; return the epoch to start at."""
+    if not args.resume:
+        return args.start_epoch
+    path = Path(args.resume) / CHECKPOINT_NAME
+    if not path.is_file():
+        print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
+        return args.start_epoch
+    ckpt = load_training_checkpoint(path)
+    check_same_config(ckpt.get("args"), args, MODEL_ARGS, path)
+    load_state_dict_strict(state.model, ckpt["model"], f"{path} [model]")
+    if "model_ema" in ckpt:
+        check_state_dict(state.model.state_dict(), ckpt["model_ema"], f"{path} [model_ema]", "EAR")
+        state.ema.load_state_dict(ckpt["model_ema"])
+    else:  # a checkpoint without EMA: restart the average from the loaded weights
+        state.ema = EMA(state.model, args.ema_rate)
+    if "optimizer" in ckpt:
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    if ckpt.get("scaler") and state.scaler.is_enabled():
+        state.scaler.load_state_dict(ckpt["scaler"])
+    print(f"resumed from {path} (epoch {ckpt['epoch']})")
+    return ckpt["epoch"] + 1
+
+
+def train(state: TrainState, loader, to_latents, start_epoch: int, args, info: DistInfo) -> None:
+    log_writer = None
+    if info.is_main and args.log_dir:
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir)
+    for epoch in range(start_epoch, args.epochs):
+        # Reseeding per epoch makes an interrupted-and-resumed run draw what a straight run draws.
+        torch.manual_seed(args.seed + info.rank + 100_003 * epoch)
+        loader.sampler.set_epoch(epoch)
+        stats = train_one_epoch(state, loader, to_latents, epoch, args, log_writer, info.is_main)
+        last = epoch + 1 == args.epochs
+        if info.is_main and (epoch % args.save_last_freq == 0 or last):
+            save_training_checkpoint(args.output_dir, state.model, state.ema, state.optimizer,
+                                     state.scaler, epoch, args)
+        if info.is_main:
+            line = {"epoch": epoch, **stats}
+            print(json.dumps(line))
+            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(line) + "\n")
+    if log_writer is not None:
+        log_writer.close()
+    message = check_replicas_in_sync(state.model)
+    if info.is_main:
+        print(message)
+
+
+def main(args: argparse.Namespace) -> None:
+    info = init_distributed(args.device, args.dist_url, args.dist_on_itp)
+    resolve_args(args, info)
+    torch.manual_seed(args.seed + info.rank)
+    if info.is_main:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    loader = build_loader(build_dataset(args), args, info)
+    model = build_model(args).to(info.device)
+    state = build_train_state(model, args, info)
+    start_epoch = resume(state, args)
+    vae = None if args.use_cached else load_vae(args.vae_path, args.vae_embed_dim).to(info.device)
+    if info.is_main:
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{args.model}: {n_params:.2f}M parameters; {info.world_size} process(es) on "
+              f"{info.device}; {state.precision}; lr {args.lr:.2e}; epochs {start_epoch}..{args.epochs - 1}")
+    try:
+        train(state, loader, LatentBatches(info.device, state.precision, vae), start_epoch, args, info)
+    except NonFiniteLoss as e:
+        raise SystemExit(f"[rank {info.rank}] error: {e}") from None
+    cleanup()
+
+
+if __name__ == "__main__":
+    main(train_parser().parse_args())
