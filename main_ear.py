@@ -99,13 +99,16 @@ def build_train_state(model, args, info: DistInfo) -> TrainState:
                                   lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
     ema = EMA(model, args.ema_rate)
+    if args.compile:
+        # Compile the parts with stable shapes: the Transformer always sees (B, buffer + L, width);
+        # the generator's row count follows the mask ratio, so it is compiled for dynamic shapes.
+        model.forward_transformer = torch.compile(model.forward_transformer)
+        model.scoreloss.net.compile(dynamic=True)
     ddp = None
     train_model = model
     if info.distributed:
         ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         train_model = ddp
-    if args.compile:
-        train_model = torch.compile(train_model)
     return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
 
 

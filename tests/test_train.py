@@ -239,3 +239,58 @@ def test_accumulation_matches_one_large_batch():
     for a, b in zip(params_a + ema_a, params_b + ema_b):
         # Tolerance: float32 summation order (measured max difference 1.3e-6 after 3 steps).
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_training_from_images_through_the_vae(tmp_path, random_vae_ckpt):
+    from conftest import make_image_folder
+    make_image_folder(tmp_path / "data" / "train", per_class=4)
+    args = [*SMALL, "--data_path", tmp_path / "data", "--vae_path", random_vae_ckpt,
+            "--output_dir", tmp_path, "--log_dir", tmp_path, "--batch_size", 4, "--epochs", 1,
+            "--warmup_epochs", 0, "--lr", 1e-3]
+    for flag, value in (("--img_size", 32), ("--vae_stride", 16), ("--vae_embed_dim", 16)):
+        args[args.index(flag) + 1] = value
+    run_script("main_ear.py", args)
+    assert load_training_checkpoint(tmp_path / CHECKPOINT_NAME)["epoch"] == 0
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(cache, tmp_path, precision):
+    proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 1, "--precision", precision))
+    assert f"; {precision};" in proc.stdout
+    ckpt = load_training_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert bool(ckpt["scaler"]) == (precision == "fp16")  # a loss scaler only for fp16
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_benchmark_prints_throughput_and_memory():
+    assert SMALL[-2] == "--print_freq"
+    args = SMALL[:-2] + ["--steps", 2, "--warmup_steps", 1, "--batch_size", 4]
+    out = run_script("benchmarks/train_throughput.py", args).stdout
+    assert __import__("re").search(r"[0-9.]+ images/s per device; peak process memory \(RSS\) [0-9.]+ GiB", out)
+
+
+def test_launcher_environments(monkeypatch):
+    from util.distributed import _launcher_env
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID",
+                "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    assert _launcher_env(False) is None
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(RuntimeError, match="MASTER_ADDR"):
+        _launcher_env(False)
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    assert _launcher_env(False) == (5, 8, 1)
+    monkeypatch.setenv("RANK", "3")  # torchrun's variables win
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert _launcher_env(False) == (3, 4, 3)
+
+
+@pytest.mark.slow
+def test_compile_trains_without_recompiling(cache, tmp_path):
+    proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2, "--compile"))
+    assert "recompil" not in proc.stderr  # the generator's varying row count must not recompile
+    assert len(epoch_losses(tmp_path)) == 2
