@@ -1,15 +1,23 @@
 """The EAR training loop (one epoch at a time) and the pieces it shares with evaluation."""
 import contextlib
+import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from PIL import Image
 from tqdm import tqdm
 
 from models.vae import LATENT_SCALE, DiagonalGaussian
+from util.distributed import all_gather_objects, barrier
+from util.fid import fid_and_inception_score, inception_extractor, load_fid_stats
+from util.images import save_grid, save_png, to_uint8
 from util.optim import EMA, lr_at, set_lr
 from util.precision import autocast
 
@@ -140,3 +148,118 @@ def train_one_epoch(state: TrainState, loader, to_latents: LatentBatches, epoch:
                 log_writer.add_scalar("images_per_sec", rate, x)
     bar.close()
     return {"loss": total_loss / max(steps, 1), "lr": lr if steps else float("nan")}
+
+
+# ----- generation and evaluation ----------------------------------------------------------------
+
+def balanced_labels(num_images: int, class_num: int) -> torch.Tensor:
+    """Label of every global image index: num_images / class_num consecutive images per class."""
+    if num_images <= 0 or num_images % class_num:
+        raise ValueError(f"--num_images must be a positive multiple of --class_num ({class_num}) "
+                         f"so every class gets the same count, got {num_images}")
+    return torch.arange(num_images) // (num_images // class_num)
+
+
+@torch.no_grad()
+def generate(model, decode, labels: torch.Tensor, cfg: float, args, device, precision) -> torch.Tensor:
+    """Images in [-1, 1] (B, C, H, W) for the given labels, decoded from sampled latents."""
+    with autocast(device, precision):
+        latents = model.sample_tokens(len(labels), num_iter=args.num_iter, cfg=cfg,
+                                      cfg_schedule=args.cfg_schedule, labels=labels.to(device),
+                                      infer_temperature=args.infer_temperature)
+        return decode(latents.float())
+
+
+def rank_share(num_images: int, class_num: int, rank: int, world_size: int) -> tuple:
+    """(global indices, labels) one rank generates: every world_size-th index from its rank,
+    so the ranks together cover each index exactly once, with no padding."""
+    index = torch.arange(rank, num_images, world_size)
+    return index, balanced_labels(num_images, class_num)[index]
+
+
+def samples_name(args, cfg: float) -> str:
+    return (f"ariter{args.num_iter}-temp{args.infer_temperature}-{args.cfg_schedule}cfg{cfg}"
+            f"-image{args.num_images}")
+
+
+def grid_indices(num_images: int, class_num: int, rows: int = 8, cols: int = 8) -> list:
+    """Global indices for a sample grid: the first `rows` classes, `cols` images each."""
+    per_class = num_images // class_num
+    return [c * per_class + j for c in range(min(rows, class_num)) for j in range(min(cols, per_class))]
+
+
+def check_metric_inputs(args, info, device) -> None:
+    """Before generating anything: rank 0 loads the FID statistics and the Inception network
+    (downloading its weights if allowed); on failure every rank stops with rank 0's message."""
+    error = None
+    if info.is_main:
+        try:
+            load_fid_stats(args.fid_stats)
+            inception_extractor(device, args.inception_weights)
+        except (OSError, ValueError, RuntimeError) as e:
+            error = f"{type(e).__name__}: {e}"
+    error = all_gather_objects(error)[0]
+    if error is not None:
+        raise RuntimeError(f"cannot measure FID/IS: {error}")
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, decode, args, info, epoch: int, cfg: float, batch_size: int,
+             log_writer=None) -> dict:
+    """Generate args.num_images images with the EMA weights across ranks (index i written once,
+    as <i>.png, by rank i % world_size), save a grid, and measure FID/IS on rank 0.
+
+    Appends one JSON line to <output_dir>/eval_results.jsonl; returns the metrics on rank 0.
+    """
+    mine, labels = rank_share(args.num_images, args.class_num, info.rank, info.world_size)
+    check_metric_inputs(args, info, state.device)
+    name = samples_name(args, cfg)
+    folder = Path(args.output_dir) / f"samples-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed + info.rank)
+    state.ema.swap()
+    state.model.eval()
+    try:
+        timed_images, timed_seconds = 0, 0.0
+        bar = tqdm(total=len(mine), unit="img", desc=f"sampling cfg {cfg}", disable=not info.is_main)
+        for first in range(0, len(mine), batch_size):
+            index = mine[first:first + batch_size]
+            start = time.perf_counter()
+            images = to_uint8(generate(state.model, decode, labels[first:first + batch_size], cfg,
+                                       args, state.device, state.precision))
+            if first > 0:  # the first batch includes warm-up (allocation, compilation)
+                timed_images += len(index)
+                timed_seconds += time.perf_counter() - start
+            for i, img in zip(index.tolist(), images):
+                save_png(img, folder / f"{i:05d}.png")
+            bar.update(len(index))
+        bar.close()
+    finally:
+        state.ema.swap()
+        state.model.train()
+    barrier()
+    result = None
+    if info.is_main:
+        grid = np.stack([np.asarray(Image.open(folder / f"{i:05d}.png"))
+                         for i in grid_indices(args.num_images, args.class_num)])
+        grid = grid[..., None] if grid.ndim == 3 else grid
+        grid_path = save_grid(grid, min(8, args.num_images // args.class_num),
+                              Path(args.output_dir) / f"grid-{name}.png")
+        metrics = fid_and_inception_score(folder, args.fid_stats, state.device, args.inception_weights)
+        seconds = timed_seconds / timed_images if timed_images else float("nan")
+        result = {"epoch": epoch, "model": args.model, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
+                  "num_iter": args.num_iter, "infer_temperature": args.infer_temperature,
+                  **metrics, "seconds_per_image": seconds, "grid": str(grid_path)}
+        print(f"epoch {epoch}, cfg {cfg}: FID {metrics['fid']:.4f}, IS {metrics['is']:.2f} "
+              f"+- {metrics['is_std']:.2f} over {metrics['num_images']} images; "
+              f"{seconds:.4f} s/image per device; grid {grid_path}")
+        with open(Path(args.output_dir) / "eval_results.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        if log_writer is not None:
+            suffix = "_ema" + (f"_cfg{cfg}" if cfg != 1.0 else "")
+            log_writer.add_scalar(f"fid{suffix}", metrics["fid"], epoch)
+            log_writer.add_scalar(f"is{suffix}", metrics["is"], epoch)
+        if not args.keep_samples:
+            shutil.rmtree(folder)
+    barrier()
+    return result

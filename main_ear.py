@@ -16,9 +16,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from engine_ear import LatentBatches, NonFiniteLoss, TrainState, train_one_epoch
+from engine_ear import LatentBatches, NonFiniteLoss, TrainState, evaluate, train_one_epoch
 from models.ear import MODEL_SIZES, ear_models
-from models.vae import load_vae
+from models.vae import LATENT_SCALE, load_vae
 from util.args import MODEL_ARGS, check_positive, train_parser
 from util.checkpoint import (CHECKPOINT_NAME, check_same_config, check_state_dict,
                              load_state_dict_strict, load_training_checkpoint,
@@ -32,7 +32,10 @@ from util.precision import resolve_precision
 def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     """Fill in derived values (so the saved `args` are concrete) and reject bad settings."""
     check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
-                   "save_last_freq", "print_freq")
+                   "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter")
+    if (args.evaluate or args.online_eval) and args.num_images % args.class_num:
+        raise SystemExit(f"error: --num_images {args.num_images} must be a multiple of "
+                         f"--class_num {args.class_num} (the same number of images per class)")
     for name, value in MODEL_SIZES[args.model].items():  # unset sizes: the named model's
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -112,13 +115,15 @@ def build_train_state(model, args, info: DistInfo) -> TrainState:
     return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
 
 
-def resume(state: TrainState, args) -> int:
+def resume(state: TrainState, args, required: bool = False) -> int:
     """Restore from <resume>/checkpoint-last.pth if present; return the epoch to start at."""
-    if not args.resume:
-        return args.start_epoch
-    path = Path(args.resume) / CHECKPOINT_NAME
-    if not path.is_file():
-        print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
+    path = Path(args.resume) / CHECKPOINT_NAME if args.resume else None
+    if path is None or not path.is_file():
+        if required:
+            raise SystemExit(f"error: --evaluate needs a checkpoint: no {CHECKPOINT_NAME} in "
+                             f"--resume {args.resume or '(not given)'}")
+        if path is not None:
+            print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
         return args.start_epoch
     ckpt = load_training_checkpoint(path)
     check_same_config(ckpt.get("args"), args, MODEL_ARGS, path)
@@ -136,7 +141,20 @@ def resume(state: TrainState, args) -> int:
     return ckpt["epoch"] + 1
 
 
-def train(state: TrainState, loader, to_latents, start_epoch: int, args, info: DistInfo) -> None:
+def vae_decoder(vae):
+    """Scaled latents (B, 16, h, w) -> images in [-1, 1] (B, 3, 16h, 16w)."""
+    return lambda latents: vae.decode(latents / LATENT_SCALE)
+
+
+def online_evaluation(state, decode, args, info, epoch: int, log_writer) -> None:
+    """As the reference: without guidance, then with --cfg at half the sampling batch."""
+    evaluate(state, decode, args, info, epoch, 1.0, args.eval_bsz, log_writer)
+    if args.cfg not in (0.0, 1.0):
+        evaluate(state, decode, args, info, epoch, args.cfg, max(args.eval_bsz // 2, 1), log_writer)
+
+
+def train(state: TrainState, loader, to_latents, decode, start_epoch: int, args,
+          info: DistInfo) -> None:
     log_writer = None
     if info.is_main and args.log_dir:
         from torch.utils.tensorboard import SummaryWriter
@@ -150,6 +168,8 @@ def train(state: TrainState, loader, to_latents, start_epoch: int, args, info: D
         if info.is_main and (epoch % args.save_last_freq == 0 or last):
             save_training_checkpoint(args.output_dir, state.model, state.ema, state.optimizer,
                                      state.scaler, epoch, args)
+        if args.online_eval and (epoch % args.eval_freq == 0 or last):
+            online_evaluation(state, decode, args, info, epoch, log_writer)
         if info.is_main:
             line = {"epoch": epoch, **stats}
             print(json.dumps(line))
@@ -168,17 +188,24 @@ def main(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed + info.rank)
     if info.is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    loader = build_loader(build_dataset(args), args, info)
     model = build_model(args).to(info.device)
     state = build_train_state(model, args, info)
+    needs_vae = args.evaluate or args.online_eval or not args.use_cached
+    vae = load_vae(args.vae_path, args.vae_embed_dim).to(info.device) if needs_vae else None
+    if args.evaluate:
+        epoch = resume(state, args, required=True) - 1
+        evaluate(state, vae_decoder(vae), args, info, epoch, args.cfg, args.eval_bsz)
+        cleanup()
+        return
+    loader = build_loader(build_dataset(args), args, info)
     start_epoch = resume(state, args)
-    vae = None if args.use_cached else load_vae(args.vae_path, args.vae_embed_dim).to(info.device)
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{args.model}: {n_params:.2f}M parameters; {info.world_size} process(es) on "
               f"{info.device}; {state.precision}; lr {args.lr:.2e}; epochs {start_epoch}..{args.epochs - 1}")
+    batches = LatentBatches(info.device, state.precision, None if args.use_cached else vae)
     try:
-        train(state, loader, LatentBatches(info.device, state.precision, vae), start_epoch, args, info)
+        train(state, loader, batches, vae_decoder(vae) if vae else None, start_epoch, args, info)
     except NonFiniteLoss as e:
         raise SystemExit(f"[rank {info.rank}] error: {e}") from None
     cleanup()

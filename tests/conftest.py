@@ -28,8 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_script(script: str, args, nproc: int = 1, timeout: float = 300, check: bool = True):
-    """Run an entry point of this repo as a user would: `python script` or `torchrun`."""
+def run_script(script: str, args, nproc: int = 1, timeout: float = 300, check: bool = True,
+               cwd=REPO, env=None):
+    """Run an entry point of this repo as a user would: `python script` or `torchrun`.
+    `env` adds to (or, with None values, removes from) the environment."""
     import os
     import subprocess
     import sys
@@ -38,8 +40,9 @@ def run_script(script: str, args, nproc: int = 1, timeout: float = 300, check: b
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                 f"--master_port={free_port()}"]
     cmd += [str(REPO / script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v is not None}
+    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
                              f"{proc.stderr[-5000:]}")

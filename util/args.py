@@ -130,5 +130,27 @@ def train_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     add_model_args(p)
     add_train_args(p)
+    add_eval_args(p)
     add_system_args(p)
     return p
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation and evaluation")
+    g.add_argument("--evaluate", action="store_true",
+                   help="only evaluate the checkpoint in --resume (EMA weights), then exit")
+    g.add_argument("--online_eval", action="store_true", help="evaluate during training")
+    g.add_argument("--eval_freq", type=int, default=40, help="evaluate every this many epochs")
+    g.add_argument("--eval_bsz", type=int, default=64, help="images per process and sampling batch")
+    g.add_argument("--num_images", type=int, default=50000,
+                   help="images to generate, a multiple of --class_num (balanced classes)")
+    g.add_argument("--num_iter", type=int, default=64, help="sampling steps")
+    g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    g.add_argument("--cfg_schedule", default="linear", choices=["linear", "constant"])
+    g.add_argument("--fid_stats", default="fid_stats/adm_in256_stats.npz",
+                   help="reference mu/sigma .npz (python util/download.py --fid_stats)")
+    g.add_argument("--inception_weights", default="",
+                   help="torch-fidelity Inception weights file, for machines without network "
+                        "(python util/download.py --inception)")
+    g.add_argument("--keep_samples", action="store_true",
+                   help="keep the generated PNG folder after measuring FID/IS")

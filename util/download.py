@@ -1,13 +1,15 @@
 """Fetch the pretrained KL-16 VAE and the ADM ImageNet-256 FID statistics, and verify them.
 
-    python util/download.py              # both
+    python util/download.py              # all three
     python util/download.py --vae        # only the VAE
     python util/download.py --fid_stats  # only the statistics
+    python util/download.py --inception  # only the Inception weights (for offline FID/IS)
 
 The VAE comes from the Hugging Face repo `jadechoghari/mar` as `kl16.safetensors`; after a
 strict load test it is also written as `kl16.ckpt` (reference format: {"model": state_dict}),
 the path the reference commands use. The statistics are checked for `mu` (2048,) and
-`sigma` (2048, 2048). The SHA-256 of every file is printed for your records.
+`sigma` (2048, 2048). The Inception weights (torch-fidelity's `inception-v3-compat`) are checked
+against the SHA-256 prefix in their file name. The SHA-256 of every file is printed.
 """
 import argparse
 import hashlib
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 
 from models.vae import AutoencoderKL  # noqa: E402
 from util.checkpoint import atomic_write, load_state_dict_strict, read_weights, save_atomic  # noqa: E402
-from util.fid import load_fid_stats  # noqa: E402
+from util.fid import DEFAULT_INCEPTION, INCEPTION_FILE, load_fid_stats  # noqa: E402
 
 VAE_REPO = "jadechoghari/mar"
 VAE_FILE = "kl16.safetensors"
@@ -63,15 +65,38 @@ def fetch_vae(dest_dir="pretrained_models/vae", repo_id=VAE_REPO, filename=VAE_F
     return dest_dir / "kl16.ckpt"
 
 
+def download(url: str, dest: Path) -> str:
+    """Stream `url` to `dest`; return the SHA-256 of what arrived."""
+    with urllib.request.urlopen(url) as response, open(dest, "wb") as f:
+        shutil.copyfileobj(response, f)
+    return sha256(dest)
+
+
+def fetch_inception(dest=DEFAULT_INCEPTION, url=None) -> Path:
+    """Download torch-fidelity's Inception weights; the file name carries a SHA-256 prefix."""
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    expected_prefix = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        raw = Path(tmp) / "download.pth"
+        digest = download(url or URL_INCEPTION_V3, raw)
+        if not digest.startswith(expected_prefix):
+            raise ValueError(f"{url or URL_INCEPTION_V3}: sha256 {digest} does not start with "
+                             f"{expected_prefix}")
+        read_weights(raw)  # plain tensors only
+        shutil.move(str(raw), dest)
+    print(f"{dest}: sha256 {digest}")
+    return dest
+
+
 def fetch_fid_stats(dest="fid_stats/adm_in256_stats.npz", url=FID_URL, expected_sha256=None) -> Path:
     """Download the statistics, check them, and keep only `mu` and `sigma` at `dest`."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         raw = Path(tmp) / "download.npz"
-        with urllib.request.urlopen(url) as response, open(raw, "wb") as f:
-            shutil.copyfileobj(response, f)
-        digest = sha256(raw)
+        digest = download(url, raw)
         if expected_sha256 and digest != expected_sha256:
             raise ValueError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
         mu, sigma = load_fid_stats(raw)
@@ -84,16 +109,19 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", action="store_true", help="fetch only the VAE")
     p.add_argument("--fid_stats", action="store_true", help="fetch only the FID statistics")
+    p.add_argument("--inception", action="store_true", help="fetch only the Inception weights")
     p.add_argument("--vae_dir", default="pretrained_models/vae")
     p.add_argument("--fid_dest", default="fid_stats/adm_in256_stats.npz")
     p.add_argument("--fid_url", default=FID_URL)
     p.add_argument("--fid_sha256", default=None, help="expected SHA-256 of the statistics download")
     args = p.parse_args(argv)
-    both = not (args.vae or args.fid_stats)
-    if args.vae or both:
+    everything = not (args.vae or args.fid_stats or args.inception)
+    if args.vae or everything:
         fetch_vae(args.vae_dir)
-    if args.fid_stats or both:
+    if args.fid_stats or everything:
         fetch_fid_stats(args.fid_dest, args.fid_url, args.fid_sha256)
+    if args.inception or everything:
+        fetch_inception()
 
 
 if __name__ == "__main__":

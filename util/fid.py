@@ -28,3 +28,69 @@ def load_fid_stats(path, fetch_hint: str = "python util/download.py --fid_stats"
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: mu/sigma contain non-finite values")
     return mu, sigma
+
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+DEFAULT_INCEPTION = Path("pretrained_models") / "inception" / INCEPTION_FILE
+
+
+def fid_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64, computed by the
+    released torch-fidelity (the dtypes must match there, so both sides are cast)."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    f64 = lambda a: np.asarray(a, dtype=np.float64)
+    out = fid_statistics_to_metric({"mu": f64(mu1), "sigma": f64(sigma1)},
+                                   {"mu": f64(mu2), "sigma": f64(sigma2)}, verbose=False)
+    return out[KEY_METRIC_FID]
+
+
+def resolve_inception_weights(path):
+    """The Inception weights to use: `path`, else the file `util/download.py --inception`
+    writes, else None (torch-fidelity then downloads them itself)."""
+    if path:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--inception_weights {path}: no such file; fetch it with "
+                                    "`python util/download.py --inception`")
+        return str(path)
+    return str(DEFAULT_INCEPTION) if DEFAULT_INCEPTION.is_file() else None
+
+
+def inception_extractor(device, weights_path=None):
+    """torch-fidelity's `inception-v3-compat` network giving pool features and logits."""
+    import torch
+    from torch_fidelity.utils import create_feature_extractor
+    weights_path = resolve_inception_weights(weights_path)
+    if weights_path is not None:
+        # torch-fidelity loads with weights_only=False; make sure the file is plain tensors first.
+        from util.checkpoint import read_weights
+        read_weights(weights_path)
+    try:
+        extractor = create_feature_extractor(
+            "inception-v3-compat", ["2048", "logits_unbiased"], cuda=False, verbose=False,
+            feature_extractor_weights_path=weights_path)
+    except OSError as e:  # URLError and friends: no network, no weights
+        raise RuntimeError(f"could not download the Inception weights ({e}); fetch them where there "
+                           "is network with `python util/download.py --inception` and pass "
+                           "--inception_weights PATH") from e
+    return extractor.to(torch.device(device))
+
+
+def fid_and_inception_score(folder, stats_path, device="cpu", weights_path=None,
+                            batch_size: int = 64) -> dict:
+    """FID against the reference statistics and Inception Score of the PNGs in `folder`,
+    from one pass of the Inception network."""
+    import torch
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric
+    from torch_fidelity.utils import get_featuresdict_from_dataset, prepare_input_from_id
+    mu_ref, sigma_ref = load_fid_stats(stats_path)
+    extractor = inception_extractor(device, weights_path)
+    images = prepare_input_from_id(1, input1=str(folder), samples_find_ext="png", verbose=False)
+    feats = get_featuresdict_from_dataset(images, extractor, batch_size,
+                                          cuda=torch.device(device).type == "cuda",
+                                          save_cpu_ram=True, verbose=False)
+    pool = feats["2048"].double().numpy()
+    fid = fid_from_statistics(pool.mean(0), np.cov(pool, rowvar=False), mu_ref, sigma_ref)
+    isc = isc_featuresdict_to_metric(feats, "logits_unbiased", isc_splits=10,
+                                     samples_shuffle=True, rng_seed=2020, verbose=False)
+    return {"fid": fid, "is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
+            "num_images": len(images)}
