@@ -186,3 +186,16 @@ def test_sample_command_writes_a_grid_per_class(trained, random_vae_ckpt, tmp_pa
     assert grid.shape == (3 * 34 + 2, 4 * 34 + 2, 3)
     assert len(list((tmp_path / "each").glob("row*_class0001_*.png"))) == 8  # rows 0 and 2
     assert "3 classes x 4" in proc.stdout
+
+
+def test_online_evaluation_during_training(trained, random_vae_ckpt, inception_weights, tmp_path):
+    ckpt_dir, stats = trained
+    cache = ckpt_dir.parent / "cache"
+    run_script("main_ear.py", [*SMALL, "--use_cached", "--cached_path", cache, "--vae_path", random_vae_ckpt,
+                               "--batch_size", 4, "--epochs", 2, "--output_dir", tmp_path,
+                               "--log_dir", tmp_path, "--online_eval", "--eval_freq", 5,
+                               "--cfg", 3.0, "--eval_bsz", 4, "--num_images", 4, "--num_iter", 2,
+                               "--fid_stats", stats, "--inception_weights", inception_weights])
+    results = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
+    # Epoch 0 (0 % 5 == 0) and the last epoch, each without guidance and with cfg 3.0.
+    assert [(r["epoch"], r["cfg"]) for r in results] == [(0, 1.0), (0, 3.0), (1, 1.0), (1, 3.0)]
