@@ -16,31 +16,31 @@ from tqdm import tqdm
 
 from models.vae import LATENT_SCALE, DiagonalGaussian
 from util.distributed import all_gather_objects, barrier
-from util.fid import fid_and_inception_score, inception_extractor, load_fid_stats
 from util.images import save_grid, save_png, to_uint8
 from util.optim import EMA, lr_at, set_lr
 from util.precision import autocast
 
 
 class LatentBatches:
-    """Turns a loader batch into (scaled latents (B, C, h, w), labels (B,)) on the device.
+    """Turns a loader batch into (tokens as a map (B, C, h, w), labels (B,)) on the device.
 
-    Cached batches hold VAE moments (B, 2C, h, w); image batches hold pixels in [-1, 1] and are
-    encoded here (no gradient). Either way a latent is one posterior sample times LATENT_SCALE.
+    source "pixel": the images in [-1, 1] are the map; "cached": VAE moments (B, 2C, h, w);
+    "vae": images encoded here (no gradient). VAE latents are one posterior sample times
+    LATENT_SCALE.
     """
 
-    def __init__(self, device: torch.device, precision: str, vae: nn.Module = None):
-        self.device, self.precision, self.vae = device, precision, vae
+    def __init__(self, source: str, device: torch.device, precision: str, vae: nn.Module = None):
+        self.source, self.device, self.precision, self.vae = source, device, precision, vae
 
     @torch.no_grad()
     def __call__(self, batch):
         data, labels = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
-        if self.vae is None:
-            moments = data
-        else:
+        if self.source == "pixel":
+            return data, labels
+        if self.source == "vae":
             with autocast(self.device, self.precision):
-                moments = self.vae.encode(data).parameters
-        return DiagonalGaussian(moments.float()).sample() * LATENT_SCALE, labels
+                data = self.vae.encode(data).parameters
+        return DiagonalGaussian(data.float()).sample() * LATENT_SCALE, labels
 
 
 @dataclass
@@ -182,37 +182,41 @@ def samples_name(args, cfg: float) -> str:
             f"-image{args.num_images}")
 
 
-def grid_indices(num_images: int, class_num: int, rows: int = 8, cols: int = 8) -> list:
+# Metric names logged to TensorBoard and printed (ImageNet: fid, is; digits: accuracy, frechet).
+SCORES = ("fid", "is", "accuracy", "frechet")
+
+
+def grid_indices(num_images: int, class_num: int, rows: int = 10, cols: int = 10) -> list:
     """Global indices for a sample grid: the first `rows` classes, `cols` images each."""
     per_class = num_images // class_num
     return [c * per_class + j for c in range(min(rows, class_num)) for j in range(min(cols, per_class))]
 
 
-def check_metric_inputs(args, info, device) -> None:
-    """Before generating anything: rank 0 loads the FID statistics and the Inception network
-    (downloading its weights if allowed); on failure every rank stops with rank 0's message."""
+def check_metric_inputs(metrics, info) -> None:
+    """Before generating anything, rank 0 makes sure the metrics can be computed (statistics
+    file, Inception weights, classifier); on failure every rank stops with rank 0's message."""
     error = None
     if info.is_main:
         try:
-            load_fid_stats(args.fid_stats)
-            inception_extractor(device, args.inception_weights)
+            metrics.check()
         except (OSError, ValueError, RuntimeError) as e:
             error = f"{type(e).__name__}: {e}"
     error = all_gather_objects(error)[0]
     if error is not None:
-        raise RuntimeError(f"cannot measure FID/IS: {error}")
+        raise RuntimeError(f"cannot measure the samples: {error}")
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, decode, args, info, epoch: int, cfg: float, batch_size: int,
-             log_writer=None) -> dict:
+def evaluate(state: TrainState, decode, metrics, args, info, epoch: int, cfg: float,
+             batch_size: int, log_writer=None) -> dict:
     """Generate args.num_images images with the EMA weights across ranks (index i written once,
-    as <i>.png, by rank i % world_size), save a grid, and measure FID/IS on rank 0.
+    as <i>.png, by rank i % world_size), save a grid (a row per class), and measure them on
+    rank 0 with `metrics` (FID/IS for ImageNet, classifier scores for the digits).
 
-    Appends one JSON line to <output_dir>/eval_results.jsonl; returns the metrics on rank 0.
+    Appends one JSON line to <output_dir>/eval_results.jsonl; returns the result on rank 0.
     """
     mine, labels = rank_share(args.num_images, args.class_num, info.rank, info.world_size)
-    check_metric_inputs(args, info, state.device)
+    check_metric_inputs(metrics, info)
     name = samples_name(args, cfg)
     folder = Path(args.output_dir) / f"samples-{name}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -220,14 +224,16 @@ def evaluate(state: TrainState, decode, args, info, epoch: int, cfg: float, batc
     state.ema.swap()
     state.model.eval()
     try:
-        timed_images, timed_seconds = 0, 0.0
+        timed_images, timed_seconds, first_batch = 0, 0.0, (0, 0.0)
         bar = tqdm(total=len(mine), unit="img", desc=f"sampling cfg {cfg}", disable=not info.is_main)
         for first in range(0, len(mine), batch_size):
             index = mine[first:first + batch_size]
             start = time.perf_counter()
             images = to_uint8(generate(state.model, decode, labels[first:first + batch_size], cfg,
                                        args, state.device, state.precision))
-            if first > 0:  # the first batch includes warm-up (allocation, compilation)
+            if first == 0:  # the first batch includes warm-up (allocation, compilation)
+                first_batch = (len(index), time.perf_counter() - start)
+            else:
                 timed_images += len(index)
                 timed_seconds += time.perf_counter() - start
             for i, img in zip(index.tolist(), images):
@@ -243,22 +249,26 @@ def evaluate(state: TrainState, decode, args, info, epoch: int, cfg: float, batc
         grid = np.stack([np.asarray(Image.open(folder / f"{i:05d}.png"))
                          for i in grid_indices(args.num_images, args.class_num)])
         grid = grid[..., None] if grid.ndim == 3 else grid
-        grid_path = save_grid(grid, min(8, args.num_images // args.class_num),
+        grid_path = save_grid(grid, min(10, args.num_images // args.class_num),
                               Path(args.output_dir) / f"grid-{name}.png")
-        metrics = fid_and_inception_score(folder, args.fid_stats, state.device, args.inception_weights)
-        seconds = timed_seconds / timed_images if timed_images else float("nan")
+        all_labels = balanced_labels(args.num_images, args.class_num).numpy()
+        measured = metrics.measure(folder, all_labels, name)
+        # Measured after the first batch; with a single batch, that batch (warm-up included).
+        seconds = timed_seconds / timed_images if timed_images else first_batch[1] / first_batch[0]
         result = {"epoch": epoch, "model": args.model, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
                   "num_iter": args.num_iter, "infer_temperature": args.infer_temperature,
-                  **metrics, "seconds_per_image": seconds, "grid": str(grid_path)}
-        print(f"epoch {epoch}, cfg {cfg}: FID {metrics['fid']:.4f}, IS {metrics['is']:.2f} "
-              f"+- {metrics['is_std']:.2f} over {metrics['num_images']} images; "
-              f"{seconds:.4f} s/image per device; grid {grid_path}")
+                  **measured, "seconds_per_image": seconds,
+                  "seconds_include_warmup": not timed_images, "grid": str(grid_path)}
+        scores = {k: v for k, v in measured.items() if k in SCORES}
+        print(f"epoch {epoch}, cfg {cfg}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+              + f" over {measured['num_images']} images; {seconds:.4f} s/image per device; "
+              f"grid {grid_path}")
         with open(Path(args.output_dir) / "eval_results.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
         if log_writer is not None:
             suffix = "_ema" + (f"_cfg{cfg}" if cfg != 1.0 else "")
-            log_writer.add_scalar(f"fid{suffix}", metrics["fid"], epoch)
-            log_writer.add_scalar(f"is{suffix}", metrics["is"], epoch)
+            for key, value in scores.items():
+                log_writer.add_scalar(f"{key}{suffix}", value, epoch)
         if not args.keep_samples:
             shutil.rmtree(folder)
     barrier()

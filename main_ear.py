@@ -1,4 +1,5 @@
-"""Train EAR on ImageNet latents (cached or encoded on the fly), single process or torchrun.
+"""Train or evaluate EAR: on ImageNet latents (cached or encoded on the fly) or, for a CPU
+quick start, on the built-in digits with pixel tokens; single process, torchrun or SLURM.
 
     torchrun --nproc_per_node=8 main_ear.py --model ear_base --use_cached \
         --cached_path ${CACHED_PATH} --data_path ${IMAGENET_PATH} \
@@ -10,6 +11,7 @@ when it exists (model, EMA, optimizer, loss scaler; the next epoch) and starts f
 import argparse
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -42,13 +44,33 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     args.world_size = info.world_size
     if args.lr is None:  # linear scaling rule on the global batch
         args.lr = args.blr * args.batch_size * info.world_size * args.accumulation_steps / 256
+    check_data_args(args)
     if args.img_size % (args.vae_stride * args.patch_size):
         raise SystemExit(f"error: --img_size {args.img_size} must be divisible by --vae_stride "
                          f"* --patch_size = {args.vae_stride * args.patch_size}")
 
 
+def check_data_args(args) -> None:
+    """The dataset and tokenizer flags must describe the same images."""
+    if args.dataset == "digits":
+        from util.digits import NUM_CLASSES, SIDE
+        if args.img_size != SIDE or args.class_num != NUM_CLASSES or args.use_cached:
+            raise SystemExit(f"error: --dataset digits has {SIDE}x{SIDE} images in {NUM_CLASSES} "
+                             f"classes and no cache: pass --img_size {SIDE} --class_num "
+                             f"{NUM_CLASSES} and no --use_cached")
+    if args.tokenizer == "pixel":
+        channels = 1 if args.dataset == "digits" else 3
+        if args.vae_stride != 1 or args.vae_embed_dim != channels or args.use_cached:
+            raise SystemExit(f"error: --tokenizer pixel uses the {channels}-channel pixels as "
+                             f"tokens: pass --vae_stride 1 --vae_embed_dim {channels} and no "
+                             "--use_cached")
+
+
 def build_dataset(args):
-    """Cached moments (--use_cached) or images; checks the classes and the latent shape."""
+    """The digits, cached moments (--use_cached) or images; checks the classes and shapes."""
+    if args.dataset == "digits":
+        from util.digits import DigitsDataset
+        return DigitsDataset()
     if args.use_cached:
         if not args.cached_path:
             raise SystemExit("error: --use_cached needs --cached_path (the main_cache.py output)")
@@ -77,6 +99,7 @@ def build_loader(dataset, args, info: DistInfo) -> DataLoader:
                                  shuffle=True, drop_last=True, seed=args.seed)
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, drop_last=True,
+                        persistent_workers=args.num_workers > 0,
                         pin_memory=args.pin_mem and info.device.type == "cuda")
     if len(loader) < args.accumulation_steps:
         raise SystemExit(f"error: {len(dataset)} samples give {len(loader)} batches of "
@@ -115,14 +138,14 @@ def build_train_state(model, args, info: DistInfo) -> TrainState:
     return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
 
 
-def resume(state: TrainState, args, required: bool = False) -> int:
+def resume(state: TrainState, args, info: DistInfo, required: bool = False) -> int:
     """Restore from <resume>/checkpoint-last.pth if present; return the epoch to start at."""
     path = Path(args.resume) / CHECKPOINT_NAME if args.resume else None
     if path is None or not path.is_file():
         if required:
             raise SystemExit(f"error: --evaluate needs a checkpoint: no {CHECKPOINT_NAME} in "
                              f"--resume {args.resume or '(not given)'}")
-        if path is not None:
+        if path is not None and info.is_main:
             print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
         return args.start_epoch
     ckpt = load_training_checkpoint(path)
@@ -137,29 +160,62 @@ def resume(state: TrainState, args, required: bool = False) -> int:
         state.optimizer.load_state_dict(ckpt["optimizer"])
     if ckpt.get("scaler") and state.scaler.is_enabled():
         state.scaler.load_state_dict(ckpt["scaler"])
-    print(f"resumed from {path} (epoch {ckpt['epoch']})")
+    if info.is_main:
+        print(f"resumed from {path} (epoch {ckpt['epoch']})")
     return ckpt["epoch"] + 1
 
 
-def vae_decoder(vae):
-    """Scaled latents (B, 16, h, w) -> images in [-1, 1] (B, 3, 16h, 16w)."""
+def build_decoder(args, vae):
+    """Token map (B, C, h, w) -> images in [-1, 1]: the VAE decoder, or nothing for pixels."""
+    if args.tokenizer == "pixel":
+        return lambda tokens: tokens.clamp(-1, 1)
     return lambda latents: vae.decode(latents / LATENT_SCALE)
 
 
-def online_evaluation(state, decode, args, info, epoch: int, log_writer) -> None:
+def build_metrics(args, info: DistInfo):
+    if args.dataset == "digits":
+        from util.digits import DigitMetrics
+        return DigitMetrics(args.output_dir)
+    from util.fid import InceptionMetrics
+    return InceptionMetrics(args.fid_stats, args.inception_weights, info.device)
+
+
+def online_evaluation(state, decode, metrics, args, info, epoch: int, log_writer) -> list:
     """As the reference: without guidance, then with --cfg at half the sampling batch."""
-    evaluate(state, decode, args, info, epoch, 1.0, args.eval_bsz, log_writer)
+    results = [evaluate(state, decode, metrics, args, info, epoch, 1.0, args.eval_bsz, log_writer)]
     if args.cfg not in (0.0, 1.0):
-        evaluate(state, decode, args, info, epoch, args.cfg, max(args.eval_bsz // 2, 1), log_writer)
+        results.append(evaluate(state, decode, metrics, args, info, epoch, args.cfg,
+                                max(args.eval_bsz // 2, 1), log_writer))
+    return results
 
 
-def train(state: TrainState, loader, to_latents, decode, start_epoch: int, args,
+def report(results: list, seconds: dict, args) -> None:
+    """Print the last evaluation and write it, with timings, to <output_dir>/metrics.json."""
+    summary = {"seed": args.seed, "model": args.model, "dataset": args.dataset,
+               **{f"{k}_seconds": round(v, 1) for k, v in seconds.items()}, "results": results}
+    path = Path(args.output_dir) / "metrics.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    print("\n== report ==")
+    print(f"checkpoint {Path(args.output_dir) / CHECKPOINT_NAME}; metrics {path}")
+    print(f"training {seconds['train']:.0f} s, sampling and scoring {seconds['eval']:.0f} s")
+    for r in results:
+        scores = ", ".join(f"{k} {r[k]:.4f}" for k in ("accuracy", "frechet", "fid", "is") if k in r)
+        print(f"cfg {r['cfg']}: {scores} ({r['num_images']} images); grid {r['grid']}")
+    ceiling = results[0].get("ceiling") if results else None
+    if ceiling:
+        print("real held-out digits (ceiling): "
+              + ", ".join(f"{k} {v:.4f}" for k, v in ceiling.items()))
+
+
+def train(state: TrainState, loader, to_latents, decode, metrics, start_epoch: int, args,
           info: DistInfo) -> None:
     log_writer = None
     if info.is_main and args.log_dir:
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
+    seconds, results = {"train": 0.0, "eval": 0.0}, []
     for epoch in range(start_epoch, args.epochs):
+        tick = time.time()
         # Reseeding per epoch makes an interrupted-and-resumed run draw what a straight run draws.
         torch.manual_seed(args.seed + info.rank + 100_003 * epoch)
         loader.sampler.set_epoch(epoch)
@@ -168,8 +224,12 @@ def train(state: TrainState, loader, to_latents, decode, start_epoch: int, args,
         if info.is_main and (epoch % args.save_last_freq == 0 or last):
             save_training_checkpoint(args.output_dir, state.model, state.ema, state.optimizer,
                                      state.scaler, epoch, args)
-        if args.online_eval and (epoch % args.eval_freq == 0 or last):
-            online_evaluation(state, decode, args, info, epoch, log_writer)
+        seconds["train"] += time.time() - tick
+        # Unlike the reference (epoch % eval_freq == 0), no evaluation of the untrained epoch 0.
+        if args.online_eval and ((epoch + 1) % args.eval_freq == 0 or last):
+            tick = time.time()
+            results = online_evaluation(state, decode, metrics, args, info, epoch, log_writer)
+            seconds["eval"] += time.time() - tick
         if info.is_main:
             line = {"epoch": epoch, **stats}
             print(json.dumps(line))
@@ -180,6 +240,8 @@ def train(state: TrainState, loader, to_latents, decode, start_epoch: int, args,
     message = check_replicas_in_sync(state.model)
     if info.is_main:
         print(message)
+        if results:
+            report(results, seconds, args)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -190,22 +252,24 @@ def main(args: argparse.Namespace) -> None:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model = build_model(args).to(info.device)
     state = build_train_state(model, args, info)
-    needs_vae = args.evaluate or args.online_eval or not args.use_cached
+    needs_vae = args.tokenizer == "vae" and (args.evaluate or args.online_eval or not args.use_cached)
     vae = load_vae(args.vae_path, args.vae_embed_dim).to(info.device) if needs_vae else None
+    decode, metrics = build_decoder(args, vae), build_metrics(args, info)
     if args.evaluate:
-        epoch = resume(state, args, required=True) - 1
-        evaluate(state, vae_decoder(vae), args, info, epoch, args.cfg, args.eval_bsz)
+        epoch = resume(state, args, info, required=True) - 1
+        evaluate(state, decode, metrics, args, info, epoch, args.cfg, args.eval_bsz)
         cleanup()
         return
     loader = build_loader(build_dataset(args), args, info)
-    start_epoch = resume(state, args)
+    start_epoch = resume(state, args, info)
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{args.model}: {n_params:.2f}M parameters; {info.world_size} process(es) on "
               f"{info.device}; {state.precision}; lr {args.lr:.2e}; epochs {start_epoch}..{args.epochs - 1}")
-    batches = LatentBatches(info.device, state.precision, None if args.use_cached else vae)
+    source = "pixel" if args.tokenizer == "pixel" else "cached" if args.use_cached else "vae"
+    batches = LatentBatches(source, info.device, state.precision, vae)
     try:
-        train(state, loader, batches, vae_decoder(vae) if vae else None, start_epoch, args, info)
+        train(state, loader, batches, decode, metrics, start_epoch, args, info)
     except NonFiniteLoss as e:
         raise SystemExit(f"[rank {info.rank}] error: {e}") from None
     cleanup()

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from engine_ear import generate
-from main_ear import build_model, resolve_args, vae_decoder
+from main_ear import build_decoder, build_model, resolve_args
 from models.vae import load_vae
 from util.args import MODEL_ARGS, train_parser
 from util.checkpoint import CHECKPOINT_NAME, check_same_config, load_state_dict_strict, load_training_checkpoint
@@ -50,7 +50,8 @@ def main(args) -> None:
     torch.manual_seed(args.seed)
     model = build_model(args).to(device).eval()
     epoch = load_weights(model, args)
-    decode = vae_decoder(load_vae(args.vae_path, args.vae_embed_dim).to(device))
+    vae = load_vae(args.vae_path, args.vae_embed_dim).to(device) if args.tokenizer == "vae" else None
+    decode = build_decoder(args, vae)
     labels = torch.tensor(args.class_ids).repeat_interleave(args.samples_per_class)
     precision = resolve_precision(args.precision, device, cuda_default="bf16")
     images = torch.cat([generate(model, decode, chunk, args.cfg, args, device, precision)

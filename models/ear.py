@@ -252,6 +252,8 @@ MODEL_SIZES = {
                       scoreloss_d=8, scoreloss_w=1280),
     "ear_huge": dict(decoder_embed_dim=1280, decoder_depth=40, decoder_num_heads=16,
                      scoreloss_d=12, scoreloss_w=1536),
+    "ear_tiny": dict(decoder_embed_dim=128, decoder_depth=6, decoder_num_heads=4,
+                     scoreloss_d=3, scoreloss_w=128),
 }
 
 
@@ -267,4 +269,9 @@ def ear_huge(**kwargs) -> EAR:
     return EAR(**{**MODEL_SIZES["ear_huge"], **kwargs})
 
 
-ear_models = {"ear_base": ear_base, "ear_large": ear_large, "ear_huge": ear_huge}
+def ear_tiny(**kwargs) -> EAR:
+    """About 1.5M parameters: the CPU quick start's size (not a paper model)."""
+    return EAR(**{**MODEL_SIZES["ear_tiny"], **kwargs})
+
+
+ear_models = {"ear_base": ear_base, "ear_large": ear_large, "ear_huge": ear_huge, "ear_tiny": ear_tiny}

@@ -147,7 +147,8 @@ def test_evaluate_writes_each_image_once_and_measures(trained, random_vae_ckpt, 
     assert np.isfinite(result["fid"]) and result["fid"] > 0
     assert np.isfinite(result["is"]) and result["is"] >= 1.0
     assert result["seconds_per_image"] > 0
-    assert "FID" in proc.stdout
+    assert proc.stdout.count("resumed from") == 1  # rank 0 alone prints
+    assert "cfg 2.0: fid " in proc.stdout
     grid = np.asarray(Image.open(result["grid"]))
     assert grid.shape == (2 * 34 + 2, 5 * 34 + 2, 3)  # 2 classes x 5 images, 2-pixel padding
 
@@ -192,10 +193,12 @@ def test_online_evaluation_during_training(trained, random_vae_ckpt, inception_w
     ckpt_dir, stats = trained
     cache = ckpt_dir.parent / "cache"
     run_script("main_ear.py", [*SMALL, "--use_cached", "--cached_path", cache, "--vae_path", random_vae_ckpt,
-                               "--batch_size", 4, "--epochs", 2, "--output_dir", tmp_path,
-                               "--log_dir", tmp_path, "--online_eval", "--eval_freq", 5,
+                               "--batch_size", 4, "--epochs", 3, "--output_dir", tmp_path,
+                               "--log_dir", tmp_path, "--online_eval", "--eval_freq", 2,
                                "--cfg", 3.0, "--eval_bsz", 4, "--num_images", 4, "--num_iter", 2,
                                "--fid_stats", stats, "--inception_weights", inception_weights])
     results = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
-    # Epoch 0 (0 % 5 == 0) and the last epoch, each without guidance and with cfg 3.0.
-    assert [(r["epoch"], r["cfg"]) for r in results] == [(0, 1.0), (0, 3.0), (1, 1.0), (1, 3.0)]
+    # After every second epoch (epoch 1) and after the last (epoch 2), each without guidance and
+    # with cfg 3.0; the untrained epoch 0 is not evaluated.
+    assert [(r["epoch"], r["cfg"]) for r in results] == [(1, 1.0), (1, 3.0), (2, 1.0), (2, 3.0)]
+    assert json.loads((tmp_path / "metrics.json").read_text())["results"][1]["cfg"] == 3.0

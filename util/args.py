@@ -56,14 +56,15 @@ def cache_parser() -> argparse.ArgumentParser:
 
 
 # Arguments that define the network: a resumed checkpoint must agree on all of them.
-MODEL_ARGS = ("model", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num",
+MODEL_ARGS = ("model", "tokenizer", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num",
               "buffer_size", "scoreloss_d", "scoreloss_w", "noise_channels")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="ear_base", choices=["ear_base", "ear_large", "ear_huge"],
-                   help="named model size")
+    g.add_argument("--model", default="ear_base",
+                   choices=["ear_base", "ear_large", "ear_huge", "ear_tiny"],
+                   help="named model size (ear_tiny: ~1.5M parameters, for CPU runs)")
     for name, what in (("decoder_embed_dim", "width"), ("decoder_depth", "depth"),
                        ("decoder_num_heads", "attention heads")):
         g.add_argument(f"--{name}", type=int, default=None,
@@ -112,6 +113,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema_rate", type=float, default=0.9999)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_argument_group("data source")
+    g.add_argument("--dataset", default="imagenet", choices=["imagenet", "digits"],
+                   help="imagenet: an image folder (--data_path) or its cache (--cached_path); "
+                        "digits: scikit-learn's built-in 8x8 handwritten digits")
+    g.add_argument("--tokenizer", default="vae", choices=["vae", "pixel"],
+                   help="vae: KL-16 latents; pixel: the image's own pixels are the tokens "
+                        "(needs --vae_stride 1 and --vae_embed_dim = image channels)")
     g.add_argument("--use_cached", action="store_true",
                    help="train on cached latents from --cached_path instead of encoding images")
     g = p.add_argument_group("output and resume")
@@ -125,8 +132,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--print_freq", type=int, default=20, help="log every this many steps")
 
 
+class ArgsFileParser(argparse.ArgumentParser):
+    """Also reads flags from files named `@file`: whitespace-separated, `#` starts a comment.
+    Flags after the file override it: `main_ear.py @configs/digits_quickstart.args --epochs 2`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars="@", **kwargs)
+
+    def convert_arg_line_to_args(self, line: str) -> list:
+        return line.split("#", 1)[0].split()
+
+
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train (or evaluate) an EAR model.")
+    p = ArgsFileParser(description="Train (or evaluate) an EAR model. "
+                                   "Flags can also come from a file: @path/to/file.args")
     add_data_args(p)
     add_model_args(p)
     add_train_args(p)

@@ -94,3 +94,18 @@ def fid_and_inception_score(folder, stats_path, device="cpu", weights_path=None,
                                      samples_shuffle=True, rng_seed=2020, verbose=False)
     return {"fid": fid, "is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
             "num_images": len(images)}
+
+
+class InceptionMetrics:
+    """`evaluate()` metrics for ImageNet: FID against reference statistics, and IS."""
+
+    def __init__(self, stats_path, weights_path, device):
+        self.stats_path, self.weights_path, self.device = stats_path, weights_path, device
+
+    def check(self) -> None:
+        """Fail before generating anything if the statistics or the network are unavailable."""
+        load_fid_stats(self.stats_path)
+        inception_extractor(self.device, self.weights_path)
+
+    def measure(self, folder, labels, name: str) -> dict:
+        return fid_and_inception_score(folder, self.stats_path, self.device, self.weights_path)
