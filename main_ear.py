@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.datasets import ImageFolder
 
 from engine_ear import LatentBatches, NonFiniteLoss, TrainState, evaluate, train_one_epoch
 from models.ear import MODEL_SIZES, ear_models
@@ -26,7 +27,7 @@ from util.checkpoint import (CHECKPOINT_NAME, check_same_config, check_state_dic
                              load_state_dict_strict, load_training_checkpoint,
                              save_training_checkpoint)
 from util.distributed import DistInfo, check_replicas_in_sync, cleanup, init_distributed
-from util.loader import CachedFolder, image_transform, train_folder
+from util.loader import CachedFolder, image_transform, load_rgb, train_folder
 from util.optim import EMA, param_groups
 from util.precision import resolve_precision
 
@@ -83,8 +84,6 @@ def build_dataset(args):
         if not folder.is_dir():
             raise FileNotFoundError(f"--data_path {args.data_path}: expected training images in "
                                     f"{folder}/<class>/<image>")
-        from torchvision.datasets import ImageFolder
-        from util.loader import load_rgb
         dataset = ImageFolder(folder, image_transform(args.img_size, random_flip=True), loader=load_rgb)
         source = f"--data_path {args.data_path}"
     if len(dataset.classes) != args.class_num:
