@@ -138,7 +138,8 @@ def train_one_epoch(state: TrainState, loader, to_latents: LatentBatches, epoch:
             now = time.time()
             rate = images_per_step * (step - last_logged) / (now - tick)
             tick, last_logged = now, step
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", grad_norm=f"{float(grad_norm):.3f}",
+                            img_s=f"{rate:.1f}")
             global_loss = mean_over_ranks(loss)
             if log_writer is not None:
                 x = int((epoch + step / steps) * 1000)  # the reference's epoch_1000x axis
