@@ -169,7 +169,7 @@ class EAR(nn.Module):
     def check_labels(self, labels: torch.Tensor, bsz: int) -> None:
         if labels.shape != (bsz,):
             raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.class_num):
+        if ((labels < 0) | (labels >= self.class_num)).any():  # one host sync per batch
             raise ValueError(f"labels must be in [0, {self.class_num}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
 
