@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from models.vae import load_vae
 from util.args import cache_parser, check_positive
-from util.checkpoint import atomic_write
+from util.checkpoint import atomic_write, remove_stale_temporaries
 from util.distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from util.loader import ImageFolderWithFilename, image_transform, train_folder
 from util.precision import autocast, resolve_precision
@@ -42,16 +42,6 @@ def existing_cache_files(cached_path: str, classes) -> set:
             done.update(f"{cls}/{e.name[:-4]}" for e in os.scandir(folder)
                         if e.name.endswith(".npz") and not e.name.startswith("."))
     return done
-
-
-def remove_stale_temporaries(cached_path: str, classes) -> int:
-    """Delete temporary files left by a killed run (only safe before any rank writes)."""
-    removed = 0
-    for cls in classes:
-        for tmp in (Path(cached_path) / cls).glob(".*.tmp"):
-            tmp.unlink(missing_ok=True)
-            removed += 1
-    return removed
 
 
 def collate(batch):
@@ -109,8 +99,9 @@ def main(args) -> None:
                                       skip_bad=args.skip_bad)
     for cls in dataset.classes:
         (Path(args.cached_path) / cls).mkdir(parents=True, exist_ok=True)
-    if info.is_main:
-        remove_stale_temporaries(args.cached_path, dataset.classes)
+    if info.is_main:  # temporaries of a killed run; only safe before any rank writes
+        for cls in dataset.classes:
+            remove_stale_temporaries(Path(args.cached_path) / cls)
     barrier()  # every rank sees the same cache state before anyone writes
 
     done = set() if args.overwrite else existing_cache_files(args.cached_path, dataset.classes)

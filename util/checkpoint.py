@@ -13,13 +13,11 @@ import torch.nn as nn
 def atomic_write(path, write: Callable) -> None:
     """Call write(file) on a temporary file beside `path`, then rename it over `path`.
 
-    A crash at any point leaves either the old file or the new one, never half of one.
-    Each target has a single writer, so temporaries of earlier, killed writes can be removed.
+    A crash at any point leaves either the old file or the new one, never half of one (a killed
+    writer leaves a `.<name>.*.tmp` file: see `remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a writer that was killed
-        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -30,6 +28,16 @@ def atomic_write(path, write: Callable) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temporaries(folder, name: str = "*") -> int:
+    """Delete the temporaries `atomic_write` left in `folder` for targets matching `name` when
+    its process was killed. Only safe while nothing is writing those targets."""
+    removed = 0
+    for stale in Path(folder).glob(f".{name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def save_atomic(obj, path) -> None:
@@ -94,6 +102,7 @@ def save_training_checkpoint(output_dir, model, ema, optimizer, scaler, epoch: i
                              args: argparse.Namespace) -> Path:
     """Write `checkpoint-last.pth` atomically: model, model_ema, optimizer, epoch, scaler, args."""
     path = Path(output_dir) / CHECKPOINT_NAME
+    remove_stale_temporaries(output_dir, CHECKPOINT_NAME)  # rank 0 is the only writer
     save_atomic({"model": model.state_dict(), "model_ema": ema.state_dict(),
                  "optimizer": optimizer.state_dict(), "epoch": epoch,
                  "scaler": scaler.state_dict(), "args": args}, path)
