@@ -75,21 +75,19 @@ def inception_extractor(device, weights_path=None):
     return extractor.to(torch.device(device))
 
 
-def fid_and_inception_score(folder, stats_path, device="cpu", weights_path=None,
+def fid_and_inception_score(folder, reference: tuple, extractor, device="cpu",
                             batch_size: int = 64) -> dict:
-    """FID against the reference statistics and Inception Score of the PNGs in `folder`,
-    from one pass of the Inception network."""
+    """FID against reference (mu, sigma) and Inception Score of the PNGs in `folder`, from one
+    pass of `extractor` (see `inception_extractor`)."""
     import torch
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric
     from torch_fidelity.utils import get_featuresdict_from_dataset, prepare_input_from_id
-    mu_ref, sigma_ref = load_fid_stats(stats_path)
-    extractor = inception_extractor(device, weights_path)
     images = prepare_input_from_id(1, input1=str(folder), samples_find_ext="png", verbose=False)
     feats = get_featuresdict_from_dataset(images, extractor, batch_size,
                                           cuda=torch.device(device).type == "cuda",
                                           save_cpu_ram=True, verbose=False)
     pool = feats["2048"].double().numpy()
-    fid = fid_from_statistics(pool.mean(0), np.cov(pool, rowvar=False), mu_ref, sigma_ref)
+    fid = fid_from_statistics(pool.mean(0), np.cov(pool, rowvar=False), *reference)
     isc = isc_featuresdict_to_metric(feats, "logits_unbiased", isc_splits=10,
                                      samples_shuffle=True, rng_seed=2020, verbose=False)
     return {"fid": fid, "is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
@@ -97,15 +95,19 @@ def fid_and_inception_score(folder, stats_path, device="cpu", weights_path=None,
 
 
 class InceptionMetrics:
-    """`evaluate()` metrics for ImageNet: FID against reference statistics, and IS."""
+    """`evaluate()` metrics for ImageNet: FID against reference statistics, and IS. The
+    statistics and the network are loaded once, by `check()`, and reused."""
 
     def __init__(self, stats_path, weights_path, device):
         self.stats_path, self.weights_path, self.device = stats_path, weights_path, device
+        self.reference = self.extractor = None
 
     def check(self) -> None:
         """Fail before generating anything if the statistics or the network are unavailable."""
-        load_fid_stats(self.stats_path)
-        inception_extractor(self.device, self.weights_path)
+        if self.extractor is None:
+            self.reference = load_fid_stats(self.stats_path)
+            self.extractor = inception_extractor(self.device, self.weights_path)
 
     def measure(self, folder, labels, name: str) -> dict:
-        return fid_and_inception_score(folder, self.stats_path, self.device, self.weights_path)
+        self.check()
+        return fid_and_inception_score(folder, self.reference, self.extractor, self.device)
