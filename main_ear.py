@@ -23,9 +23,8 @@ from engine_ear import LatentBatches, NonFiniteLoss, TrainState, evaluate, train
 from models.ear import MODEL_SIZES, ear_models
 from models.vae import LATENT_SCALE, load_vae
 from util.args import MODEL_ARGS, check_positive, train_parser
-from util.checkpoint import (CHECKPOINT_NAME, check_same_config, check_state_dict,
-                             load_state_dict_strict, load_training_checkpoint,
-                             save_training_checkpoint)
+from util.checkpoint import (CHECKPOINT_NAME, check_state_dict, load_state_dict_strict,
+                             open_checkpoint, save_training_checkpoint)
 from util.distributed import DistInfo, check_replicas_in_sync, cleanup, init_distributed
 from util.loader import CachedFolder, image_transform, load_rgb, train_folder
 from util.optim import EMA, param_groups
@@ -108,8 +107,8 @@ def build_loader(dataset, args, info: DistInfo) -> DataLoader:
 
 
 def build_model(args):
-    names = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "img_size", "vae_stride", "patch_size", "vae_embed_dim", "mask_ratio_min",
-             "label_drop_prob", "class_num", "attn_dropout", "proj_dropout", "buffer_size",
+    names = ("decoder_embed_dim", "decoder_depth", "decoder_num_heads", "img_size", "vae_stride",
+             "patch_size", "vae_embed_dim", "mask_ratio_min", "label_drop_prob", "class_num", "attn_dropout", "proj_dropout", "buffer_size",
              "scoreloss_d", "scoreloss_w", "score_batch_mul", "grad_checkpointing", "alpha",
              "noise_channels", "train_temperature")
     try:
@@ -139,16 +138,14 @@ def build_train_state(model, args, info: DistInfo) -> TrainState:
 
 def resume(state: TrainState, args, info: DistInfo, required: bool = False) -> int:
     """Restore from <resume>/checkpoint-last.pth if present; return the epoch to start at."""
-    path = Path(args.resume) / CHECKPOINT_NAME if args.resume else None
-    if path is None or not path.is_file():
+    path, ckpt = open_checkpoint(args.resume, args, MODEL_ARGS)
+    if ckpt is None:
         if required:
             raise SystemExit(f"error: --evaluate needs a checkpoint: no {CHECKPOINT_NAME} in "
                              f"--resume {args.resume or '(not given)'}")
         if path is not None and info.is_main:
             print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
         return args.start_epoch
-    ckpt = load_training_checkpoint(path)
-    check_same_config(ckpt.get("args"), args, MODEL_ARGS, path)
     load_state_dict_strict(state.model, ckpt["model"], f"{path} [model]")
     if "model_ema" in ckpt:
         check_state_dict(state.model.state_dict(), ckpt["model_ema"], f"{path} [model_ema]", "EAR")

@@ -14,7 +14,7 @@ from engine_ear import generate
 from main_ear import build_decoder, build_model, resolve_args
 from models.vae import load_vae
 from util.args import MODEL_ARGS, train_parser
-from util.checkpoint import CHECKPOINT_NAME, check_same_config, load_state_dict_strict, load_training_checkpoint
+from util.checkpoint import CHECKPOINT_NAME, load_state_dict_strict, open_checkpoint
 from util.distributed import DistInfo
 from util.images import save_grid, save_png, to_uint8
 from util.precision import resolve_precision
@@ -34,11 +34,9 @@ def parser():
 
 
 def load_weights(model, args) -> int:
-    path = Path(args.resume) / CHECKPOINT_NAME
-    if not path.is_file():
+    path, ckpt = open_checkpoint(args.resume, args, MODEL_ARGS)
+    if ckpt is None:
         raise SystemExit(f"error: no {CHECKPOINT_NAME} in --resume {args.resume or '(not given)'}")
-    ckpt = load_training_checkpoint(path)
-    check_same_config(ckpt.get("args"), args, MODEL_ARGS, path)
     key = "model" if args.no_ema or "model_ema" not in ckpt else "model_ema"
     load_state_dict_strict(model, ckpt[key], f"{path} [{key}]")
     return ckpt["epoch"]

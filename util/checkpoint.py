@@ -132,3 +132,14 @@ def check_same_config(saved: argparse.Namespace, current: argparse.Namespace, na
              for n in names if n in saved and saved[n] != getattr(current, n)]
     if diffs:
         raise ValueError(f"cannot resume from {source}: " + "; ".join(diffs))
+
+
+def open_checkpoint(folder, args: argparse.Namespace, model_args) -> tuple:
+    """(path, checkpoint) for `<folder>/checkpoint-last.pth`, with the arguments that define the
+    network checked against `args`; (path or None, None) when there is no such file."""
+    path = Path(folder) / CHECKPOINT_NAME if folder else None
+    if path is None or not path.is_file():
+        return path, None
+    ckpt = load_training_checkpoint(path)
+    check_same_config(ckpt.get("args"), args, model_args, path)
+    return path, ckpt
