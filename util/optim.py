@@ -55,15 +55,14 @@ class EMA:
 
     def __init__(self, model: nn.Module, rate: float):
         self.model, self.rate = model, rate
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        params = dict(model.named_parameters())
-        self.params = [params[n].detach().float().clone() for n in self.names]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.live = [p for _, p in named]  # the model's own tensors, updated in place by training
+        self.params = [p.detach().float().clone() for p in self.live]
 
     @torch.no_grad()
     def update(self) -> None:
-        current = dict(self.model.named_parameters())
-        live = [current[n].detach().float() for n in self.names]
-        torch._foreach_lerp_(self.params, live, 1.0 - self.rate)
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in self.live], 1.0 - self.rate)
 
     def state_dict(self) -> dict:
         sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -78,9 +77,7 @@ class EMA:
     @torch.no_grad()
     def swap(self) -> None:
         """Exchange the model's parameters and the EMA values (call twice to undo)."""
-        current = dict(self.model.named_parameters())
-        for name, ema in zip(self.names, self.params):
-            p = current[name]
+        for p, ema in zip(self.live, self.params):
             tmp = p.detach().float().clone()
             p.copy_(ema)
             ema.copy_(tmp)
