@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from models.vae import load_vae
 from util.args import cache_parser, check_positive
-from util.checkpoint import atomic_write, remove_stale_temporaries
+from util.fileio import atomic_write, remove_stale_temporaries
 from util.distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from util.loader import ImageFolderWithFilename, image_transform, train_folder
-from util.precision import autocast, resolve_precision
+from util.precision import autocast
 
 FAILED_LIST = "failed_images.txt"
 
@@ -94,7 +94,6 @@ def main(args) -> None:
     check_args(args)
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp)
     torch.manual_seed(args.seed + info.rank)
-    precision = resolve_precision(args.precision, info.device, cuda_default="bf16")
     dataset = ImageFolderWithFilename(train_folder(args.data_path), image_transform(args.img_size, random_flip=False),
                                       skip_bad=args.skip_bad)
     for cls in dataset.classes:
@@ -113,7 +112,8 @@ def main(args) -> None:
                         pin_memory=args.pin_mem and info.device.type == "cuda")
     if info.is_main:
         print(f"{len(dataset)} images in {len(dataset.classes)} classes, {info.world_size} "
-              f"process(es), {len(done)} already cached; encoding in {precision} on {info.device}")
+              f"process(es), {len(done)} already cached; encoding in {args.vae_precision} on "
+              f"{info.device}")
 
     start, written, failures = time.time(), 0, []
     bar = tqdm(total=len(todo), unit="img", disable=not info.is_main, smoothing=0.1)
@@ -122,7 +122,7 @@ def main(args) -> None:
         for rel, err in failed:
             print(f"[rank {info.rank}] skipping unreadable image {rel}: {err}")
         if images is not None:
-            both = encode_with_flip(vae, images.to(info.device, non_blocking=True), precision)
+            both = encode_with_flip(vae, images.to(info.device, non_blocking=True), args.vae_precision)
             for i, rel in enumerate(paths):
                 write_cache_file(cache_file(args.cached_path, rel), both[0, i], both[1, i])
             written += len(paths)
@@ -133,14 +133,15 @@ def main(args) -> None:
     counts = all_reduce_sum([written, len(shard) - len(todo), len(failures)], info.device)
     all_failures = [f for rank_failures in all_gather_objects(failures) for f in rank_failures]
     if info.is_main:
+        failed_list = Path(args.cached_path) / FAILED_LIST
         if all_failures:
             text = "".join(f"{rel}\t{err}\n" for rel, err in sorted(all_failures))
-            atomic_write(Path(args.cached_path) / FAILED_LIST, lambda f: f.write(text.encode()))
+            atomic_write(failed_list, lambda f: f.write(text.encode()))
+        else:  # a list from an earlier run would name images that are cached by now
+            failed_list.unlink(missing_ok=True)
         report(args, counts, all_failures, time.time() - start)
     cleanup()
 
 
 if __name__ == "__main__":
-    p = cache_parser()
-    p.set_defaults(batch_size=128)
-    main(p.parse_args())
+    main(cache_parser().parse_args())

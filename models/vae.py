@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.checkpoint import load_state_dict_strict, read_weights
+from util.weights import load_state_dict_strict, read_weights
 
 # Scales KL-16 latents to roughly unit variance: EAR trains on sample() * LATENT_SCALE and
 # decodes tokens / LATENT_SCALE.

@@ -98,6 +98,10 @@ def test_unreadable_image_stops_or_is_skipped(tmp_path, random_vae_ckpt):
     assert '"failed": 1' in proc.stdout
     assert (cache / "failed_images.txt").read_text().startswith("dog/broken.JPEG\t")
     assert len(list(cache.glob("*/*.npz"))) == 6
+    # Once the image is fixed, a clean rerun leaves no stale list naming it.
+    (data / "train" / "dog" / "broken.JPEG").unlink()
+    proc = run_script("main_cache.py", cache_args(data, cache, random_vae_ckpt, "--skip_bad"))
+    assert '"failed": 0' in proc.stdout and not (cache / "failed_images.txt").exists()
 
 
 def test_cached_and_image_loaders_agree_on_classes(image_folder, tmp_path):
@@ -151,3 +155,38 @@ def test_cache_help_lists_the_reference_flags():
                  "--cached_path", "--num_workers", "--pin_mem", "--seed", "--device",
                  "--world_size", "--local_rank", "--dist_url", "--overwrite", "--skip_bad"):
         assert flag in out
+
+
+def png16(path, values: np.ndarray, color_type: int) -> None:
+    """Write a 16-bit PNG by hand (PIL writes 16-bit grayscale only): color_type 0 gray, 2 RGB."""
+    import struct
+    import zlib
+    h, w = values.shape[:2]
+    raw = b"".join(b"\x00" + values[y].astype(">u2").tobytes() for y in range(h))
+    chunk = lambda t, d: struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+    header = struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("color_type", [0, 2])
+def test_sixteen_bit_pngs_keep_their_brightness(tmp_path, color_type):
+    from util.loader import load_rgb
+    ramp = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    values = ramp if color_type == 0 else np.stack([ramp, ramp // 2, ramp // 4], -1)
+    png16(tmp_path / "x.png", values, color_type)
+    rgb = np.asarray(load_rgb(str(tmp_path / "x.png"))).astype(np.int64)
+    expected = values / 257.0 if color_type == 2 else np.repeat(values[..., None] / 257.0, 3, -1)
+    assert np.abs(rgb - expected).max() <= 1.0  # not clipped to 255 (white) as convert("RGB") does
+    assert (rgb == 255).mean() < 0.01
+
+
+def test_vae_precision_defaults_to_fp32_and_lower_precision_is_a_flag(image_folder, tmp_path,
+                                                                      random_vae_ckpt):
+    from util.args import cache_parser, train_parser
+    assert cache_parser().parse_args([]).vae_precision == "fp32"
+    assert train_parser().parse_args([]).vae_precision == "fp32"
+    assert cache_parser().parse_args(["--precision", "bf16"]).vae_precision == "bf16"
+    proc = run_script("main_cache.py", cache_args(image_folder, tmp_path / "c", random_vae_ckpt,
+                                                   "--vae_precision", "bf16"))
+    assert "encoding in bf16" in proc.stdout

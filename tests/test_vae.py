@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 
 from models.vae import AutoencoderKL, load_vae
 from util import download
-from util.checkpoint import read_weights
+from util.weights import read_weights
 from util.crop import center_crop_arr
 
 
@@ -101,30 +101,48 @@ def test_center_crop():
     assert np.all(np.asarray(center_crop_arr(Image.fromarray(arr), 16)) == 200)
 
 
-def test_fetch_vae_verifies_and_writes_both_formats(tmp_path, monkeypatch, vae):
-    source = tmp_path / "hub" / "kl16.safetensors"
+def test_fetch_vae_is_pinned_and_verified_before_reading(tmp_path, monkeypatch, vae):
+    """The download path of util/download.py, with the Hub stood in for by a local file: the
+    pinned revision is asked for, size and hash are checked before the file is unpickled, and a
+    strict load test follows."""
+    source = tmp_path / "hub" / "kl16.ckpt"
     source.parent.mkdir()
-    save_file(dict(vae.state_dict()), str(source))
+    calls = []
 
-    def fake_hub(repo_id, filename, local_dir):  # stands in for the network
-        assert (repo_id, filename) == ("jadechoghari/mar", "kl16.safetensors")
+    def fake_hub(repo_id, filename, revision, local_dir):  # stands in for the network
+        calls.append((repo_id, filename, revision))
         target = f"{local_dir}/{filename}"
         shutil.copy(source, target)
         return target
 
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hub)
-    ckpt = download.fetch_vae(tmp_path / "out")
-    assert ckpt.name == "kl16.ckpt"
+
+    def publish(state_dict):
+        torch.save({"model": state_dict}, source)
+        return source.stat().st_size, download.sha256(source)
+
+    size, digest = publish(dict(vae.state_dict()))
+    ckpt = download.fetch_vae(tmp_path / "out", size=size, digest=digest)
+    assert calls == [("jadechoghari/mar", "kl16.ckpt", download.VAE_REVISION)]
+    assert len(download.VAE_REVISION) == 40 and len(download.VAE_SHA256) == 64
+    assert ckpt == tmp_path / "out" / "kl16.ckpt" and download.sha256(ckpt) == digest
     for path in (ckpt, tmp_path / "out" / "kl16.safetensors"):
         loaded = load_vae(path)
         assert torch.equal(loaded.state_dict()["quant_conv.weight"], vae.state_dict()["quant_conv.weight"])
 
+    # A file that is not the pinned one is refused before it is read, and nothing is written.
+    with pytest.raises(ValueError, match="does not match the pinned"):
+        download.fetch_vae(tmp_path / "out2", size=size, digest="0" * 64)
+    with pytest.raises(ValueError, match=f"{size} bytes, expected {size + 1}"):
+        download.fetch_vae(tmp_path / "out2", size=size + 1, digest=digest)
+    assert list((tmp_path / "out2").iterdir()) == []
+
     broken = dict(vae.state_dict())
     broken.pop("encoder.conv_in.weight")
-    save_file(broken, str(source))
+    size, digest = publish(broken)
     with pytest.raises(ValueError, match="encoder.conv_in.weight"):
-        download.fetch_vae(tmp_path / "out2")
+        download.fetch_vae(tmp_path / "out3", size=size, digest=digest)
 
 
 def test_fetch_fid_stats_checks_shapes(tmp_path):

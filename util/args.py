@@ -14,8 +14,11 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data_path", default="./data/imagenet",
                    help="dataset root; training images in <data_path>/train/<class>/<image>")
     g.add_argument("--cached_path", default="", help="folder of cached VAE latents (main_cache.py)")
-    g.add_argument("--batch_size", type=int, default=16, help="images per process and step")
+    g.add_argument("--batch_size", type=int, default=32, help="images per process and step")
     g.add_argument("--num_workers", type=int, default=10, help="data-loading worker processes")
+    g.add_argument("--vae_precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                   help="precision of VAE encoding (caching and on-the-fly): fp32 as the "
+                        "reference; bf16/fp16 are faster and change the latents slightly")
     g.add_argument("--pin_mem", action="store_true", default=True,
                    help="pin host memory for faster copies to the GPU (default on)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
@@ -25,14 +28,18 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("system")
     g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu if no CUDA)")
     g.add_argument("--seed", type=int, default=1, help="random seed; each rank uses seed + rank")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision; auto = fp32 on CPU, the job's mixed precision on CUDA")
     g.add_argument("--world_size", type=int, default=1,
                    help="accepted for compatibility; the launcher's environment decides")
     g.add_argument("--local_rank", type=int, default=-1,
                    help="accepted for compatibility; the launcher's environment decides")
     g.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI variables")
     g.add_argument("--dist_url", default="env://", help="process-group rendezvous URL")
+
+
+def add_precision_arg(g) -> None:
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="autocast precision of training and sampling; auto = fp16 with a loss "
+                        "scaler on CUDA (as the reference), fp32 on the CPU")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:
@@ -47,7 +54,10 @@ def cache_parser() -> argparse.ArgumentParser:
                     "the moments as <cached_path>/<class>/<file>.npz.")
     add_data_args(p)
     add_system_args(p)
+    p.set_defaults(batch_size=128)
     g = p.add_argument_group("caching")
+    g.add_argument("--precision", dest="vae_precision", default=argparse.SUPPRESS,
+                   choices=["fp32", "bf16", "fp16"], help="the same as --vae_precision")
     g.add_argument("--overwrite", action="store_true", help="re-encode files already in the cache")
     g.add_argument("--skip_bad", action="store_true",
                    help="log unreadable images to <cached_path>/failed_images.txt and continue "
@@ -91,7 +101,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weight (<= 1) of the sample-sample distance in the loss")
     g.add_argument("--infer_temperature", type=float, default=1.0,
                    help="sampling temperature (scales the generator's residual shifts)")
-    g.add_argument("--score_batch_mul", type=int, default=2,
+    g.add_argument("--score_batch_mul", type=int, default=1,
                    help="independent sample pairs per masked token")
 
 
@@ -112,6 +122,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad_clip", type=float, default=3.0, help="max gradient norm (0: off)")
     g.add_argument("--ema_rate", type=float, default=0.9999)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    add_precision_arg(g)
     g = p.add_argument_group("data source")
     g.add_argument("--dataset", default="imagenet", choices=["imagenet", "digits"],
                    help="imagenet: an image folder (--data_path) or its cache (--cached_path); "
@@ -123,7 +134,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="train on cached latents from --cached_path instead of encoding images")
     g = p.add_argument_group("output and resume")
     g.add_argument("--output_dir", default="./output_dir", help="checkpoints go here")
-    g.add_argument("--log_dir", default="./output_dir", help="TensorBoard logs go here")
+    g.add_argument("--log_dir", default=None,
+                   help="TensorBoard logs go here (default: --output_dir)")
     g.add_argument("--resume", default="",
                    help="folder holding checkpoint-last.pth to continue from (none there: start fresh)")
     g.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")

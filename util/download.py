@@ -1,13 +1,14 @@
-"""Fetch the pretrained KL-16 VAE and the ADM ImageNet-256 FID statistics, and verify them.
+"""Fetch the pretrained KL-16 VAE, the ADM ImageNet-256 FID statistics and the Inception
+weights, and verify them.
 
     python util/download.py              # all three
     python util/download.py --vae        # only the VAE
     python util/download.py --fid_stats  # only the statistics
     python util/download.py --inception  # only the Inception weights (for offline FID/IS)
 
-The VAE comes from the Hugging Face repo `jadechoghari/mar` as `kl16.safetensors`; after a
-strict load test it is also written as `kl16.ckpt` (reference format: {"model": state_dict}),
-the path the reference commands use. The statistics are checked for `mu` (2048,) and
+The VAE is the original `kl16.ckpt` of the Hugging Face repo `jadechoghari/mar`, pinned to one
+revision and checked against its size and SHA-256 before it is read; it is then load-tested
+strictly and also written as `kl16.safetensors`. The statistics are checked for `mu` (2048,) and
 `sigma` (2048, 2048). The Inception weights (torch-fidelity's `inception-v3-compat`) are checked
 against the SHA-256 prefix in their file name. The SHA-256 of every file is printed.
 """
@@ -26,11 +27,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.vae import AutoencoderKL  # noqa: E402
-from util.checkpoint import atomic_write, load_state_dict_strict, read_weights, save_atomic  # noqa: E402
+from util.fileio import atomic_write  # noqa: E402
+from util.weights import load_state_dict_strict, read_weights  # noqa: E402
 from util.fid import DEFAULT_INCEPTION, INCEPTION_FILE, load_fid_stats  # noqa: E402
 
 VAE_REPO = "jadechoghari/mar"
-VAE_FILE = "kl16.safetensors"
+VAE_FILE = "kl16.ckpt"
+# The repo's revision holding the original kl16.ckpt, and that file's size and SHA-256.
+VAE_REVISION = "773c9bdcd98740c7b876ce0d66f684a0e2468990"
+VAE_SIZE = 265_900_046
+VAE_SHA256 = "34ce001bcfffb7af67ec8af1e683a30d7bd45760855ddc7deedc1330f2cfd38f"
 # The ADM statistics as distributed with MAR (mu and sigma only, ~32 MB). ADM's own reference
 # batch (VIRTUAL_imagenet256_labeled.npz, 1.6 GB, also holds mu and sigma) works as --fid_url too.
 FID_URL = "https://raw.githubusercontent.com/LTH14/mar/main/fid_stats/adm_in256_stats.npz"
@@ -44,25 +50,41 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
-def fetch_vae(dest_dir="pretrained_models/vae", repo_id=VAE_REPO, filename=VAE_FILE) -> Path:
-    """Download the VAE, load it strictly, and write `kl16.safetensors` and `kl16.ckpt`."""
+def check_file(path: Path, source: str, size: int = None, digest: str = None) -> str:
+    """Raise unless `path` has the expected size and SHA-256; return its SHA-256."""
+    if size is not None and path.stat().st_size != size:
+        raise ValueError(f"{source}: {path.stat().st_size} bytes, expected {size}")
+    actual = sha256(path)
+    if digest is not None and actual != digest:
+        raise ValueError(f"{source}: sha256 {actual} does not match the pinned {digest}")
+    return actual
+
+
+def fetch_vae(dest_dir="pretrained_models/vae", repo_id=VAE_REPO, revision=VAE_REVISION,
+              size=VAE_SIZE, digest=VAE_SHA256) -> Path:
+    """Download the pinned kl16.ckpt, verify size and hash before reading it, load it strictly,
+    and write `kl16.ckpt` and `kl16.safetensors` into dest_dir."""
     from huggingface_hub import hf_hub_download
+    from safetensors.torch import save
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
+    source = f"{repo_id}/{VAE_FILE}@{revision[:12]}"
     with tempfile.TemporaryDirectory(dir=dest_dir) as tmp:
-        downloaded = Path(hf_hub_download(repo_id=repo_id, filename=filename, local_dir=tmp))
-        state_dict = read_weights(downloaded)
+        downloaded = Path(hf_hub_download(repo_id=repo_id, filename=VAE_FILE, revision=revision,
+                                          local_dir=tmp))
+        check_file(downloaded, source, size, digest)
+        state_dict = read_weights(downloaded, nested_keys=("model",))
         # The load test: every key and shape of KL-16, nothing extra, all values finite.
-        load_state_dict_strict(AutoencoderKL(), state_dict, source=f"{repo_id}/{filename}")
+        load_state_dict_strict(AutoencoderKL(), state_dict, source=source)
         bad = [k for k, v in state_dict.items() if not torch.isfinite(v).all()]
         if bad:
-            raise ValueError(f"{repo_id}/{filename}: non-finite values in {bad[:5]}")
-        target = dest_dir / "kl16.safetensors"
-        shutil.move(str(downloaded), target)
-    save_atomic({"model": dict(state_dict)}, dest_dir / "kl16.ckpt")
-    for f in (target, dest_dir / "kl16.ckpt"):
+            raise ValueError(f"{source}: non-finite values in {bad[:5]}")
+        atomic_write(dest_dir / "kl16.safetensors",
+                     lambda f: f.write(save(dict(state_dict))))
+        shutil.move(str(downloaded), dest_dir / VAE_FILE)
+    for f in (dest_dir / VAE_FILE, dest_dir / "kl16.safetensors"):
         print(f"{f}: {f.stat().st_size / 1e6:.1f} MB, sha256 {sha256(f)}")
-    return dest_dir / "kl16.ckpt"
+    return dest_dir / VAE_FILE
 
 
 def download(url: str, dest: Path) -> str:

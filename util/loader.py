@@ -31,10 +31,21 @@ def image_transform(img_size: int, random_flip: bool) -> transforms.Compose:
     return transforms.Compose(steps)
 
 
+# Single-channel modes with 16 (or, for "I", up to 32) bits per pixel: PIL's convert("RGB")
+# clips them at 255, which turns nearly every pixel of a 16-bit grayscale PNG white. 16-bit RGB(A)
+# PNGs open as 8-bit RGB(A) already.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Open any PIL-readable image (grayscale, palette, RGBA ...) as RGB."""
+    """Open any PIL-readable image (grayscale, palette, RGBA, 16-bit grayscale ...) as 8-bit RGB."""
     with open(path, "rb") as f:
-        return Image.open(f).convert("RGB")
+        image = Image.open(f)
+        image.load()
+    if image.mode in SIXTEEN_BIT_MODES:  # 0..65535 -> 0..255
+        scaled = np.asarray(image).astype(np.float64) / 257.0
+        image = Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+    return image.convert("RGB")
 
 
 class ImageFolderWithFilename(ImageFolder):
