@@ -18,19 +18,20 @@ from models.vae import LATENT_SCALE, DiagonalGaussian
 from util.distributed import all_gather_objects, barrier
 from util.images import save_grid, save_png, to_uint8
 from util.optim import EMA, lr_at, set_lr
-from util.precision import autocast
+from util.precision import autocast, resolve_precision
 
 
 class LatentBatches:
     """Turns a loader batch into (tokens as a map (B, C, h, w), labels (B,)) on the device.
 
     source "pixel": the images in [-1, 1] are the map; "cached": VAE moments (B, 2C, h, w);
-    "vae": images encoded here (no gradient). VAE latents are one posterior sample times
-    LATENT_SCALE.
+    "vae": images encoded here (no gradient) in `vae_precision` (fp32 unless asked, as the
+    reference encodes). VAE latents are one posterior sample times LATENT_SCALE.
     """
 
-    def __init__(self, source: str, device: torch.device, precision: str, vae: nn.Module = None):
-        self.source, self.device, self.precision, self.vae = source, device, precision, vae
+    def __init__(self, source: str, device: torch.device, vae_precision: str = "fp32",
+                 vae: nn.Module = None):
+        self.source, self.device, self.precision, self.vae = source, device, vae_precision, vae
 
     @torch.no_grad()
     def __call__(self, batch):
@@ -64,12 +65,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
-def all_ranks_finite(value: torch.Tensor) -> bool:
-    """True when `value` is finite on every rank (one tiny all-reduce), so all ranks agree."""
-    flag = torch.isfinite(value).all().float()
+def all_ranks_finite(*values: torch.Tensor) -> list:
+    """For each tensor, True when it is finite on every rank (one tiny all-reduce for all of
+    them), so every rank takes the same decision."""
+    flags = torch.stack([torch.isfinite(v).all() for v in values]).float()
     if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    return [bool(f) for f in flags.tolist()]
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
@@ -85,6 +87,9 @@ def optimizer_step(state: TrainState, micro_batches, args) -> tuple:
 
     Gradients are all-reduced only on the last micro-batch (DDP no_sync before it). The loss
     returned is the mean micro-batch loss, not divided by the accumulation count.
+    Raises NonFiniteLoss on every rank, before the weights change, when the loss or (without a
+    loss scaler) the gradient norm is NaN or infinite on any rank. With fp16 the scaler owns
+    non-finite gradients: it skips that update and lowers its scale, as AMP intends.
     """
     k = len(micro_batches)
     loss_sum = torch.zeros((), device=state.device)
@@ -96,12 +101,13 @@ def optimizer_step(state: TrainState, micro_batches, args) -> tuple:
             state.scaler.scale(loss / k).backward()
         loss_sum += loss.detach().float()
     loss = loss_sum / k
-    if not all_ranks_finite(loss):
-        state.optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss("loss is not finite")
     state.scaler.unscale_(state.optimizer)
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
+    loss_ok, grad_ok = all_ranks_finite(loss, grad_norm)
+    if not loss_ok or not (grad_ok or state.scaler.is_enabled()):
+        state.optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteLoss("loss" if not loss_ok else "gradient norm")
     state.scaler.step(state.optimizer)
     state.scaler.update()
     state.optimizer.zero_grad(set_to_none=True)
@@ -127,9 +133,9 @@ def train_one_epoch(state: TrainState, loader, to_latents: LatentBatches, epoch:
         micro_batches = [to_latents(next(batches)) for _ in range(k)]
         try:
             loss, grad_norm = optimizer_step(state, micro_batches, args)
-        except NonFiniteLoss:
+        except NonFiniteLoss as e:
             raise NonFiniteLoss(
-                f"non-finite loss at epoch {epoch}, step {step}: training stopped on every rank. "
+                f"non-finite {e} at epoch {epoch}, step {step}: training stopped on every rank. "
                 f"The last checkpoint in {args.output_dir} is intact; resume from it with a "
                 "lower --blr, --precision bf16/fp32 or a smaller --grad_clip") from None
         loss_value = loss.item()
@@ -162,9 +168,10 @@ def balanced_labels(num_images: int, class_num: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, decode, labels: torch.Tensor, cfg: float, args, device, precision) -> torch.Tensor:
-    """Images in [-1, 1] (B, C, H, W) for the given labels, decoded from sampled latents."""
-    with autocast(device, precision):
+def generate(model, decode, labels: torch.Tensor, cfg: float, args, device) -> torch.Tensor:
+    """Images in [-1, 1] (B, C, H, W) for the given labels, decoded from sampled latents, in
+    the precision --precision gives (the same for --evaluate, online evaluation and sample_ear)."""
+    with autocast(device, resolve_precision(args.precision, device)):
         latents = model.sample_tokens(len(labels), num_iter=args.num_iter, cfg=cfg,
                                       cfg_schedule=args.cfg_schedule, labels=labels.to(device),
                                       infer_temperature=args.infer_temperature)
@@ -208,11 +215,12 @@ def check_metric_inputs(metrics, info) -> None:
 
 
 @torch.no_grad()
-def evaluate(state: TrainState, decode, metrics, args, info, epoch: int, cfg: float,
-             batch_size: int, log_writer=None) -> dict:
-    """Generate args.num_images images with the EMA weights across ranks (index i written once,
-    as <i>.png, by rank i % world_size), save a grid (a row per class), and measure them on
-    rank 0 with `metrics` (FID/IS for ImageNet, classifier scores for the digits).
+def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, batch_size: int,
+             log_writer=None) -> dict:
+    """Generate args.num_images images with `model` as it is (the caller puts the EMA weights
+    in) across ranks (index i written once, as <i>.png, by rank i % world_size), save a grid
+    (a row per class), and measure them on rank 0 with `metrics` (FID/IS for ImageNet,
+    classifier scores for the digits).
 
     Appends one JSON line to <output_dir>/eval_results.jsonl; returns the result on rank 0.
     """
@@ -222,16 +230,17 @@ def evaluate(state: TrainState, decode, metrics, args, info, epoch: int, cfg: fl
     folder = Path(args.output_dir) / f"samples-{name}"
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed + info.rank)
-    state.ema.swap()
-    state.model.eval()
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
     try:
         timed_images, timed_seconds, first_batch = 0, 0.0, (0, 0.0)
         bar = tqdm(total=len(mine), unit="img", desc=f"sampling cfg {cfg}", disable=not info.is_main)
         for first in range(0, len(mine), batch_size):
             index = mine[first:first + batch_size]
             start = time.perf_counter()
-            images = to_uint8(generate(state.model, decode, labels[first:first + batch_size], cfg,
-                                       args, state.device, state.precision))
+            images = to_uint8(generate(model, decode, labels[first:first + batch_size], cfg,
+                                       args, device))
             if first == 0:  # the first batch includes warm-up (allocation, compilation)
                 first_batch = (len(index), time.perf_counter() - start)
             else:
@@ -242,8 +251,7 @@ def evaluate(state: TrainState, decode, metrics, args, info, epoch: int, cfg: fl
             bar.update(len(index))
         bar.close()
     finally:
-        state.ema.swap()
-        state.model.train()
+        model.train(was_training)
     barrier()
     result = None
     if info.is_main:

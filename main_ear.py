@@ -10,6 +10,7 @@ when it exists (model, EMA, optimizer, loss scaler; the next epoch) and starts f
 """
 import argparse
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -19,22 +20,34 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.datasets import ImageFolder
 
-from engine_ear import LatentBatches, NonFiniteLoss, TrainState, evaluate, train_one_epoch
+from engine_ear import (LatentBatches, NonFiniteLoss, TrainState, all_ranks_finite,
+                        check_metric_inputs, evaluate, train_one_epoch)
 from models.ear import MODEL_SIZES, ear_models
 from models.vae import LATENT_SCALE, load_vae
 from util.args import MODEL_ARGS, check_positive, train_parser
-from util.checkpoint import (CHECKPOINT_NAME, check_state_dict, load_state_dict_strict,
-                             open_checkpoint, save_training_checkpoint)
-from util.distributed import DistInfo, check_replicas_in_sync, cleanup, init_distributed
+from util.checkpoint import (CHECKPOINT_NAME, load_sampling_weights, open_checkpoint,
+                             save_training_checkpoint)
+from util.distributed import (DistInfo, ReplicasDiffer, check_replicas_in_sync, cleanup,
+                              init_distributed)
+from util.fileio import atomic_write
 from util.loader import CachedFolder, image_transform, load_rgb, train_folder
-from util.optim import EMA, param_groups
+from util.optim import EMA, load_optimizer_state, param_groups
 from util.precision import resolve_precision
+from util.weights import check_state_dict, load_state_dict_strict
 
 
 def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
-    """Fill in derived values (so the saved `args` are concrete) and reject bad settings."""
+    """Fill in derived values (so the saved `args` are concrete) and reject bad settings, each
+    with the flag named, before anything is built."""
     check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
-                   "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter")
+                   "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter",
+                   "infer_temperature")
+    if not 0.0 <= args.ema_rate < 1.0:
+        raise SystemExit(f"error: --ema_rate must be in [0, 1), got {args.ema_rate}")
+    for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs", "cfg"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"error: --{name} must be a finite number >= 0, got {value}")
     if (args.evaluate or args.online_eval) and args.num_images % args.class_num:
         raise SystemExit(f"error: --num_images {args.num_images} must be a multiple of "
                          f"--class_num {args.class_num} (the same number of images per class)")
@@ -44,10 +57,16 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     args.world_size = info.world_size
     if args.lr is None:  # linear scaling rule on the global batch
         args.lr = args.blr * args.batch_size * info.world_size * args.accumulation_steps / 256
+    if args.log_dir is None:
+        args.log_dir = args.output_dir
     check_data_args(args)
     if args.img_size % (args.vae_stride * args.patch_size):
         raise SystemExit(f"error: --img_size {args.img_size} must be divisible by --vae_stride "
                          f"* --patch_size = {args.vae_stride * args.patch_size}")
+    seq_len = (args.img_size // (args.vae_stride * args.patch_size)) ** 2
+    if (args.evaluate or args.online_eval) and args.num_iter > seq_len:
+        raise SystemExit(f"error: --num_iter {args.num_iter} is more than the {seq_len} tokens "
+                         "of an image: at most one step per token")
 
 
 def check_data_args(args) -> None:
@@ -95,9 +114,12 @@ def build_loader(dataset, args, info: DistInfo) -> DataLoader:
     # A distributed sampler even in one process: shuffling then depends only on (seed, epoch).
     sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
                                  shuffle=True, drop_last=True, seed=args.seed)
+    # Workers are started anew each epoch (not persistent), their seeds drawn from `generator`,
+    # which `train` reseeds per epoch from (seed, rank, epoch): worker w of an epoch draws the
+    # same flips whether the run was resumed or not.
     loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
                         num_workers=args.num_workers, drop_last=True,
-                        persistent_workers=args.num_workers > 0,
+                        generator=torch.Generator(),
                         pin_memory=args.pin_mem and info.device.type == "cuda")
     if len(loader) < args.accumulation_steps:
         raise SystemExit(f"error: {len(dataset)} samples give {len(loader)} batches of "
@@ -118,11 +140,10 @@ def build_model(args):
 
 
 def build_train_state(model, args, info: DistInfo) -> TrainState:
-    precision = resolve_precision(args.precision, info.device, cuda_default="fp16")
+    precision = resolve_precision(args.precision, info.device)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.score_lrscale),
                                   lr=args.lr, betas=(0.9, 0.95))
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
-    ema = EMA(model, args.ema_rate)
     if args.compile:
         # Compile the parts with stable shapes: the Transformer always sees (B, buffer + L, width);
         # the generator's row count follows the mask ratio, so it is compiled for dynamic shapes.
@@ -131,18 +152,17 @@ def build_train_state(model, args, info: DistInfo) -> TrainState:
     ddp = None
     train_model = model
     if info.distributed:
+        # DDP's constructor broadcasts rank 0's weights to every rank ...
         ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         train_model = ddp
+    ema = EMA(model, args.ema_rate)  # ... so the EMA, copied after it, is the same everywhere
     return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
 
 
-def resume(state: TrainState, args, info: DistInfo, required: bool = False) -> int:
+def resume(state: TrainState, args, info: DistInfo) -> int:
     """Restore from <resume>/checkpoint-last.pth if present; return the epoch to start at."""
     path, ckpt = open_checkpoint(args.resume, args, MODEL_ARGS)
     if ckpt is None:
-        if required:
-            raise SystemExit(f"error: --evaluate needs a checkpoint: no {CHECKPOINT_NAME} in "
-                             f"--resume {args.resume or '(not given)'}")
         if path is not None and info.is_main:
             print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
         return args.start_epoch
@@ -153,12 +173,27 @@ def resume(state: TrainState, args, info: DistInfo, required: bool = False) -> i
     else:  # a checkpoint without EMA: restart the average from the loaded weights
         state.ema = EMA(state.model, args.ema_rate)
     if "optimizer" in ckpt:
-        state.optimizer.load_state_dict(ckpt["optimizer"])
-    if ckpt.get("scaler") and state.scaler.is_enabled():
+        load_optimizer_state(state.optimizer, ckpt["optimizer"], f"{path} [optimizer]")
+    if "scaler" in ckpt and state.scaler.is_enabled():
         state.scaler.load_state_dict(ckpt["scaler"])
+    if ckpt["epoch"] + 1 > args.epochs:
+        raise SystemExit(f"error: {path} has finished epoch {ckpt['epoch']}, beyond --epochs "
+                         f"{args.epochs}: pass --epochs above {ckpt['epoch'] + 1} to train more")
     if info.is_main:
         print(f"resumed from {path} (epoch {ckpt['epoch']})")
+        forget_logged_epochs_after(Path(args.output_dir) / "log.txt", ckpt["epoch"])
     return ckpt["epoch"] + 1
+
+
+def forget_logged_epochs_after(log: Path, epoch: int) -> None:
+    """Drop the lines of epochs after `epoch` from log.txt: training resumes from an older
+    checkpoint and will log them again."""
+    if not log.is_file():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line).get("epoch", -1) <= epoch]
+    if len(kept) != len(lines):
+        atomic_write(log, lambda f: f.write("".join(kept).encode()))
 
 
 def build_decoder(args, vae):
@@ -177,12 +212,27 @@ def build_metrics(args, info: DistInfo):
 
 
 def online_evaluation(state, decode, metrics, args, info, epoch: int, log_writer) -> list:
-    """As the reference: without guidance, then with --cfg at half the sampling batch."""
-    results = [evaluate(state, decode, metrics, args, info, epoch, 1.0, args.eval_bsz, log_writer)]
-    if args.cfg not in (0.0, 1.0):
-        results.append(evaluate(state, decode, metrics, args, info, epoch, args.cfg,
-                                max(args.eval_bsz // 2, 1), log_writer))
+    """As the reference: without guidance, then with --cfg at half the sampling batch; both
+    with the EMA weights, the raw ones back in the model afterwards."""
+    with state.ema.applied() as model:
+        results = [evaluate(model, decode, metrics, args, info, epoch, 1.0, args.eval_bsz,
+                            log_writer)]
+        if args.cfg not in (0.0, 1.0):
+            results.append(evaluate(model, decode, metrics, args, info, epoch, args.cfg,
+                                    max(args.eval_bsz // 2, 1), log_writer))
     return results
+
+
+def save_checkpoint(state: TrainState, epoch: int, args, info: DistInfo) -> None:
+    """Every rank checks that the weights and the EMA are finite (the loss guard cannot see
+    everything, e.g. an overflowing update); then rank 0 writes checkpoint-last.pth."""
+    weights = [p.detach() for p in state.model.parameters()] + state.ema.params
+    if not all(all_ranks_finite(*weights)):
+        raise NonFiniteLoss(f"non-finite weights after epoch {epoch}: {CHECKPOINT_NAME} was not "
+                            f"written, the last one in {args.output_dir} is intact")
+    if info.is_main:
+        save_training_checkpoint(args.output_dir, state.model, state.ema, state.optimizer,
+                                 state.scaler, epoch, args)
 
 
 def report(results: list, seconds: dict, args) -> None:
@@ -203,23 +253,27 @@ def report(results: list, seconds: dict, args) -> None:
               + ", ".join(f"{k} {v:.4f}" for k, v in ceiling.items()))
 
 
+def epoch_seed(args, rank: int, epoch: int) -> int:
+    return args.seed + rank + 100_003 * epoch
+
+
 def train(state: TrainState, loader, to_latents, decode, metrics, start_epoch: int, args,
           info: DistInfo) -> None:
     log_writer = None
-    if info.is_main and args.log_dir:
+    if info.is_main:
         from torch.utils.tensorboard import SummaryWriter
         log_writer = SummaryWriter(log_dir=args.log_dir)
     seconds, results = {"train": 0.0, "eval": 0.0}, []
     for epoch in range(start_epoch, args.epochs):
         tick = time.time()
         # Reseeding per epoch makes an interrupted-and-resumed run draw what a straight run draws.
-        torch.manual_seed(args.seed + info.rank + 100_003 * epoch)
+        torch.manual_seed(epoch_seed(args, info.rank, epoch))
+        loader.generator.manual_seed(epoch_seed(args, info.rank, epoch))
         loader.sampler.set_epoch(epoch)
         stats = train_one_epoch(state, loader, to_latents, epoch, args, log_writer, info.is_main)
         last = epoch + 1 == args.epochs
-        if info.is_main and (epoch % args.save_last_freq == 0 or last):
-            save_training_checkpoint(args.output_dir, state.model, state.ema, state.optimizer,
-                                     state.scaler, epoch, args)
+        if epoch % args.save_last_freq == 0 or last:
+            save_checkpoint(state, epoch, args, info)
         seconds["train"] += time.time() - tick
         # Unlike the reference (epoch % eval_freq == 0), no evaluation of the untrained epoch 0.
         if args.online_eval and ((epoch + 1) % args.eval_freq == 0 or last):
@@ -233,7 +287,7 @@ def train(state: TrainState, loader, to_latents, decode, metrics, start_epoch: i
                 f.write(json.dumps(line) + "\n")
     if log_writer is not None:
         log_writer.close()
-    message = check_replicas_in_sync(state.model)
+    message = check_replicas_in_sync(state.model, state.ema.params)
     if info.is_main:
         print(message)
         if results:
@@ -247,26 +301,39 @@ def main(args: argparse.Namespace) -> None:
     if info.is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model = build_model(args).to(info.device)
-    state = build_train_state(model, args, info)
     needs_vae = args.tokenizer == "vae" and (args.evaluate or args.online_eval or not args.use_cached)
     vae = load_vae(args.vae_path, args.vae_embed_dim).to(info.device) if needs_vae else None
     decode, metrics = build_decoder(args, vae), build_metrics(args, info)
-    if args.evaluate:
-        epoch = resume(state, args, info, required=True) - 1
-        evaluate(state, decode, metrics, args, info, epoch, args.cfg, args.eval_bsz)
+    if args.evaluate:  # the EMA weights only: no optimizer, no loss scaler
+        try:
+            epoch = load_sampling_weights(model, args.resume, args, MODEL_ARGS)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: --evaluate needs a checkpoint: {e}") from None
+        if info.is_main:
+            print(f"evaluating the EMA weights of {Path(args.resume) / CHECKPOINT_NAME} (epoch {epoch})")
+        evaluate(model, decode, metrics, args, info, epoch, args.cfg, args.eval_bsz)
         cleanup()
         return
     loader = build_loader(build_dataset(args), args, info)
+    state = build_train_state(model, args, info)
     start_epoch = resume(state, args, info)
+    if start_epoch == args.epochs:
+        if info.is_main:
+            print(f"nothing to do: the checkpoint in --resume {args.resume} has all "
+                  f"{args.epochs} epochs")
+        cleanup()
+        return
+    if args.online_eval:  # statistics, Inception weights: fail now, not after eval_freq epochs
+        check_metric_inputs(metrics, info)
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{args.model}: {n_params:.2f}M parameters; {info.world_size} process(es) on "
               f"{info.device}; {state.precision}; lr {args.lr:.2e}; epochs {start_epoch}..{args.epochs - 1}")
     source = "pixel" if args.tokenizer == "pixel" else "cached" if args.use_cached else "vae"
-    batches = LatentBatches(source, info.device, state.precision, vae)
+    batches = LatentBatches(source, info.device, args.vae_precision, vae)
     try:
         train(state, loader, batches, decode, metrics, start_epoch, args, info)
-    except NonFiniteLoss as e:
+    except (NonFiniteLoss, ReplicasDiffer) as e:
         raise SystemExit(f"[rank {info.rank}] error: {e}") from None
     cleanup()
 

@@ -14,10 +14,9 @@ from engine_ear import generate
 from main_ear import build_decoder, build_model, resolve_args
 from models.vae import load_vae
 from util.args import MODEL_ARGS, train_parser
-from util.checkpoint import CHECKPOINT_NAME, load_state_dict_strict, open_checkpoint
+from util.checkpoint import load_sampling_weights
 from util.distributed import DistInfo
 from util.images import save_grid, save_png, to_uint8
-from util.precision import resolve_precision
 
 
 def parser():
@@ -33,26 +32,19 @@ def parser():
     return p
 
 
-def load_weights(model, args) -> int:
-    path, ckpt = open_checkpoint(args.resume, args, MODEL_ARGS)
-    if ckpt is None:
-        raise SystemExit(f"error: no {CHECKPOINT_NAME} in --resume {args.resume or '(not given)'}")
-    key = "model" if args.no_ema or "model_ema" not in ckpt else "model_ema"
-    load_state_dict_strict(model, ckpt[key], f"{path} [{key}]")
-    return ckpt["epoch"]
-
-
 def main(args) -> None:
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     resolve_args(args, DistInfo(device=device))
     torch.manual_seed(args.seed)
     model = build_model(args).to(device).eval()
-    epoch = load_weights(model, args)
+    try:
+        epoch = load_sampling_weights(model, args.resume, args, MODEL_ARGS, use_ema=not args.no_ema)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
     vae = load_vae(args.vae_path, args.vae_embed_dim).to(device) if args.tokenizer == "vae" else None
     decode = build_decoder(args, vae)
     labels = torch.tensor(args.class_ids).repeat_interleave(args.samples_per_class)
-    precision = resolve_precision(args.precision, device, cuda_default="bf16")
-    images = torch.cat([generate(model, decode, chunk, args.cfg, args, device, precision)
+    images = torch.cat([generate(model, decode, chunk, args.cfg, args, device)
                         for chunk in labels.split(args.eval_bsz)])
     images = to_uint8(images)
     grid = save_grid(images, args.samples_per_class, args.out)

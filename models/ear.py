@@ -124,7 +124,8 @@ class EAR(nn.Module):
         lo, hi = torch.special.ndtr(torch.tensor([(self.mask_ratio_min - 1.0) / 0.25, 0.0],
                                                  dtype=torch.float64))
         u = lo + (hi - lo) * torch.rand((), dtype=torch.float64)
-        return float(1.0 + 0.25 * torch.special.ndtri(u))
+        ratio = float(1.0 + 0.25 * torch.special.ndtri(u))
+        return min(max(ratio, self.mask_ratio_min), 1.0)  # ndtri(ndtr(x)) may miss x by an ulp
 
     def mask_by_order(self, orders: torch.Tensor, num_masked: int) -> torch.Tensor:
         """Mask (B, L) bool holding True at the first `num_masked` positions of each order."""
@@ -137,7 +138,9 @@ class EAR(nn.Module):
         if labels is None:
             return self.fake_latent.expand(bsz, -1)
         emb = self.class_emb(labels)
-        if self.training and self.label_drop_prob > 0:
+        if self.training:
+            # Also at label_drop_prob 0: `fake_latent` then stays in the graph with a zero
+            # gradient, which DDP needs (it fails on a parameter that gets no gradient).
             drop = torch.rand(bsz, device=device) < self.label_drop_prob
             emb = torch.where(drop[:, None], self.fake_latent.to(emb.dtype), emb)
         return emb

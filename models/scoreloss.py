@@ -32,11 +32,12 @@ def energy_score(x1: torch.Tensor, x2: torch.Tensor, target: torch.Tensor,
     """
     def dist(a, b):
         # At initialisation the generator outputs exactly 0, so x1 == x2 and the distance is 0,
-        # where d/dn n^alpha is infinite for alpha < 1. Take the power only of positive
-        # distances: same value, gradient 0 at a zero distance instead of NaN.
+        # where d/dn n^alpha is infinite for alpha < 1. Take the power of every distance but an
+        # exact zero: same value, gradient 0 at a zero distance instead of NaN. (Testing `n == 0`
+        # rather than `n > 0` lets a NaN distance through as NaN, so the training guard sees it.)
         n = torch.linalg.vector_norm(a - b, dim=-1)
-        positive = n > 0
-        return torch.where(positive, torch.where(positive, n, 1.0).pow(alpha), 0.0)
+        zero = n == 0
+        return torch.where(zero, 0.0, torch.where(zero, 1.0, n).pow(alpha))
     return temperature * dist(x1, x2) - dist(x1, target) - dist(x2, target)
 
 

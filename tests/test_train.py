@@ -1,6 +1,7 @@
 """main_ear.py / engine_ear.py training (SPEC section 6), on CPU, one process and torchrun."""
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,8 @@ def write_cache(root: Path, per_class: int = 16, classes: int = 3, side: int = 2
 
 
 def train_args(cache, out, *extra):
-    return [*SMALL, "--use_cached", "--cached_path", cache, "--output_dir", out, "--log_dir", out,
+    # No --log_dir: TensorBoard events go to --output_dir, as in the reference.
+    return [*SMALL, "--use_cached", "--cached_path", cache, "--output_dir", out,
             "--batch_size", 8, "--warmup_epochs", 0, "--lr", 1e-3, *extra]
 
 
@@ -58,13 +60,29 @@ def cache(tmp_path_factory):
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_two_epochs_train_and_ranks_agree(cache, tmp_path, nproc):
     proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2), nproc=nproc)
-    assert f"weights identical on all {nproc} rank(s)" in proc.stdout
+    assert f"weights and EMA identical on all {nproc} rank(s)" in proc.stdout
     ckpt = load_training_checkpoint(tmp_path / CHECKPOINT_NAME)
     assert ckpt["epoch"] == 1
-    assert sorted(ckpt) == ["args", "epoch", "model", "model_ema", "optimizer", "scaler"]
-    assert ckpt["args"].world_size == nproc and ckpt["args"].scoreloss_d == 2
+    # fp32: no loss scaler, so no `scaler` entry (the reference's resume rejects an empty one).
+    assert sorted(ckpt) == ["args", "epoch", "model", "model_ema", "optimizer"]
+    assert ckpt["args"]["world_size"] == nproc and ckpt["args"]["scoreloss_d"] == 2
     assert len(epoch_losses(tmp_path)) == 2
-    assert list((tmp_path).glob("events.out.tfevents.*"))  # TensorBoard log
+    assert list(tmp_path.glob("events.out.tfevents.*"))  # TensorBoard log in --output_dir
+    # Plain torch.load, at torch's default weights_only=True, reads our checkpoints.
+    plain = torch.load(tmp_path / CHECKPOINT_NAME)
+    assert isinstance(plain["args"], dict) and plain["epoch"] == 1
+
+
+def test_two_processes_from_scratch_share_weights_and_ema(cache, tmp_path):
+    """From scratch, each rank initialises its own weights before DDP broadcasts rank 0's: the
+    EMA must start from the broadcast ones. Also: no label dropping (`fake_latent` gets no
+    gradient; DDP must not stop on it) and two loader workers per rank."""
+    proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2, "--seed", 5,
+                                                "--label_drop_prob", 0, "--num_workers", 2,
+                                                "--ema_rate", 0.9), nproc=2)
+    assert "weights and EMA identical on all 2 rank(s)" in proc.stdout
+    ckpt = load_training_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert not torch.equal(ckpt["model"]["z_proj.weight"], ckpt["model_ema"]["z_proj.weight"])
 
 
 def test_loss_decreases_on_learnable_latents(cache, tmp_path):
@@ -76,21 +94,40 @@ def test_loss_decreases_on_learnable_latents(cache, tmp_path):
 
 
 def test_resume_is_exact(cache, tmp_path):
-    exact = ["--attn_dropout", 0, "--proj_dropout", 0, "--precision", "fp32", "--save_last_freq", 1]
+    # Two loader workers: their random flips must not depend on whether the run was resumed.
+    exact = ["--attn_dropout", 0, "--proj_dropout", 0, "--precision", "fp32", "--save_last_freq", 1,
+             "--num_workers", 2]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_script("main_ear.py", train_args(cache, straight, "--epochs", 2, *exact))
-    run_script("main_ear.py", train_args(cache, split, "--epochs", 1, *exact))
-    proc = run_script("main_ear.py", train_args(cache, split, "--epochs", 2, "--resume", split, *exact))
+    run_script("main_ear.py", train_args(cache, straight, "--epochs", 3, *exact))
+    run_script("main_ear.py", train_args(cache, split, "--epochs", 2, *exact))
+    proc = run_script("main_ear.py", train_args(cache, split, "--epochs", 3, "--resume", split, *exact))
     assert "resumed from" in proc.stdout
     a = load_training_checkpoint(straight / CHECKPOINT_NAME)
     b = load_training_checkpoint(split / CHECKPOINT_NAME)
-    assert a["epoch"] == b["epoch"] == 1
+    assert a["epoch"] == b["epoch"] == 2
     for key in ("model", "model_ema"):
         for name, value in a[key].items():
             assert torch.equal(value, b[key][name]), f"{key}.{name}"
     for pid, state in a["optimizer"]["state"].items():
         for name, value in state.items():
             assert torch.equal(value, b["optimizer"]["state"][pid][name]), f"optimizer {pid} {name}"
+    assert [e["epoch"] for e in map(json.loads, (split / "log.txt").read_text().splitlines())] == [0, 1, 2]
+
+
+def test_resume_from_an_older_checkpoint_forgets_later_log_lines(cache, tmp_path):
+    run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 1))
+    log = tmp_path / "log.txt"
+    # As if a crash came after epochs 1 and 2 were logged but before their checkpoint.
+    log.write_text(log.read_text() + '{"epoch": 1, "loss": 9}\n{"epoch": 2, "loss": 9}\n')
+    run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2, "--resume", tmp_path))
+    epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()]
+    assert epochs == [0, 1] and 9 not in epoch_losses(tmp_path)
+    # --epochs at the checkpoint's count: nothing to do; below it: an error naming the flag.
+    proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2, "--resume", tmp_path))
+    assert "nothing to do" in proc.stdout
+    proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 1, "--resume", tmp_path),
+                      check=False)
+    assert proc.returncode != 0 and "beyond --epochs 1" in proc.stderr
 
 
 def test_resume_with_a_different_model_is_refused(cache, tmp_path):
@@ -121,19 +158,55 @@ def test_sigkill_then_resume(cache, tmp_path):
     assert list(tmp_path.glob(".*.tmp")) == []  # a temporary left by the kill is cleaned up
 
 
-def test_non_finite_loss_stops_every_rank_and_keeps_the_checkpoint(tmp_path):
-    cache = write_cache(tmp_path / "cache")
-    out = tmp_path / "out"
-    run_script("main_ear.py", train_args(cache, out, "--epochs", 1))
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """A cache and a one-epoch checkpoint trained on it, to be copied and then poisoned."""
+    root = tmp_path_factory.mktemp("good")
+    cache = write_cache(root / "cache")
+    run_script("main_ear.py", train_args(cache, root / "out", "--epochs", 1))
+    return root
+
+
+@pytest.mark.parametrize("fault", ["nan_latent", "divergent_lr"])
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_non_finite_training_stops_every_rank_and_keeps_the_checkpoint(good_run, tmp_path, fault,
+                                                                      nproc):
+    shutil.copytree(good_run, tmp_path, dirs_exist_ok=True)
+    cache, out = tmp_path / "cache", tmp_path / "out"
     before = (out / CHECKPOINT_NAME).read_bytes()
-    m = np.full((8, 2, 2), np.inf, np.float32)
-    np.savez(cache / "class0" / "poison.png.npz", moments=m, moments_flip=m)
-    proc = run_script("main_ear.py", train_args(cache, out, "--epochs", 3, "--resume", out),
-                      nproc=2, check=False)
+    args = train_args(cache, out, "--epochs", 3, "--resume", out)
+    if fault == "nan_latent":  # one cached latent holding NaN (not inf: NaN slips past `> 0`)
+        m = np.full((8, 2, 2), np.nan, np.float32)
+        np.savez(cache / "class0" / "poison.png.npz", moments=m, moments_flip=m)
+    else:  # --blr 1e9: the lr comes from blr (no --lr)
+        i = args.index("--lr")
+        args[i:i + 2] = ["--blr", 1e9]
+    proc = run_script("main_ear.py", args, nproc=nproc, check=False)
     assert proc.returncode != 0
-    assert "[rank 0] error: non-finite loss" in proc.stderr
-    assert "[rank 1] error: non-finite loss" in proc.stderr
+    for rank in range(nproc):
+        assert f"[rank {rank}] error: non-finite" in proc.stderr, proc.stderr[-3000:]
+    assert "replicas differ" not in proc.stderr
     assert (out / CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    import main_ear
+    model = tiny_model()
+    args = train_parser().parse_args(["--output_dir", str(tmp_path), "--ema_rate", "0.5"])
+    state = TrainState(model, model, None, EMA(model, 0.5), torch.optim.SGD(model.parameters(), lr=1),
+                       torch.amp.GradScaler("cpu", enabled=False), "fp32", torch.device("cpu"))
+    main_ear.save_checkpoint(state, 0, args, DistInfo())
+    good = (tmp_path / CHECKPOINT_NAME).read_bytes()
+    for where in ("weights", "ema"):
+        with torch.no_grad():
+            target = model.z_proj.weight if where == "weights" else state.ema.params[4]
+            saved = target.clone()
+            target[0, 0] = float("nan")
+        with pytest.raises(main_ear.NonFiniteLoss, match="non-finite weights after epoch 1"):
+            main_ear.save_checkpoint(state, 1, args, DistInfo())
+        assert (tmp_path / CHECKPOINT_NAME).read_bytes() == good
+        with torch.no_grad():
+            target.copy_(saved)
 
 
 @pytest.mark.parametrize("edit, msg", [
@@ -141,12 +214,19 @@ def test_non_finite_loss_stops_every_rank_and_keeps_the_checkpoint(tmp_path):
     (lambda a, c: a.__setitem__(a.index("--img_size") + 1, 16), r"shape \(8, 2, 2\), expected \(8, 4, 4\)"),
     (lambda a, c: a.__setitem__(a.index("--class_num") + 1, 5), "3 class folders but --class_num is 5"),
     (lambda a, c: a.__setitem__(a.index("--batch_size") + 1, 0), "--batch_size must be positive"),
+    (lambda a, c: a.extend(["--ema_rate", 1.0]), r"--ema_rate must be in \[0, 1\), got 1.0"),
+    (lambda a, c: a.extend(["--blr", -1e-4]), "--blr must be a finite number >= 0"),
+    (lambda a, c: a.extend(["--lr", -1]), "--lr must be a finite number >= 0"),
+    # --online_eval needs all of this before the first step, not after --eval_freq epochs:
+    (lambda a, c: a.extend(["--online_eval", "--num_images", 3, "--num_iter", 5]),
+     "--num_iter 5 is more than the 4 tokens"),
 ])
 def test_bad_input_fails_before_training(cache, tmp_path, edit, msg):
     args = train_args(cache, tmp_path, "--epochs", 1)
     edit(args, cache)
     proc = run_script("main_ear.py", args, check=False)
     assert proc.returncode != 0 and "epoch 0" not in proc.stdout
+    assert not (tmp_path / CHECKPOINT_NAME).exists()
     assert __import__("re").search(msg, proc.stderr), proc.stderr[-2000:]
 
 
@@ -164,25 +244,134 @@ def tiny_model():
                noise_channels=8, label_drop_prob=0.0, attn_dropout=0.0, proj_dropout=0.0)
 
 
+def reference_param_groups(model, weight_decay, score_lrscale):
+    """The reference's grouping, written from SPEC section 6 (not from util/optim.py): groups
+    [no decay, decay, generator], each in named_parameters() order; generator biases and norms
+    in the first group."""
+    groups = {"no_decay": [], "decay": [], "generator": []}
+    for name, p in model.named_parameters():
+        if p.ndim == 1 or name.endswith(".bias"):
+            groups["no_decay"].append(p)
+        elif name.startswith("scoreloss"):
+            groups["generator"].append(p)
+        else:
+            groups["decay"].append(p)
+    return [{"params": groups["no_decay"], "weight_decay": 0.0},
+            {"params": groups["decay"], "weight_decay": weight_decay},
+            {"params": groups["generator"], "weight_decay": 0.0, "lr_scale": score_lrscale}]
+
+
 def test_parameter_groups():
     model = tiny_model()
-    no_decay, generator, decay = param_groups(model, 0.02, 0.25)
+    ours = param_groups(model, 0.02, 0.25)
+    ref = reference_param_groups(model, 0.02, 0.25)
+    assert [[id(p) for p in g["params"]] for g in ours] == [[id(p) for p in g["params"]] for g in ref]
+    no_decay, decay, generator = ours
     names = {id(p): n for n, p in model.named_parameters()}
     group_of = lambda g: {names[id(p)] for p in g["params"]}
     assert (no_decay["weight_decay"], no_decay["lr_scale"]) == (0.0, 1.0)
-    assert (generator["weight_decay"], generator["lr_scale"]) == (0.0, 0.25)
     assert (decay["weight_decay"], decay["lr_scale"]) == (0.02, 1.0)
+    assert (generator["weight_decay"], generator["lr_scale"]) == (0.0, 0.25)
     assert "scoreloss.net.res_blocks.0.mlp.0.weight" in group_of(generator)
     assert "scoreloss.net.res_blocks.0.mlp.0.bias" in group_of(no_decay)  # as the reference
     assert "scoreloss.net.res_blocks.0.in_ln.weight" in group_of(no_decay)
     assert {"mask_token", "fake_latent", "decoder_pos_embed_learned", "class_emb.weight",
             "z_proj.weight", "decoder_blocks.0.attn.qkv.weight"} <= group_of(decay)
     assert {"decoder_norm.weight", "z_proj.bias"} <= group_of(no_decay)
-    assert all(n.startswith("scoreloss.") for n in group_of(generator))
-    assert sum(len(g["params"]) for g in (no_decay, generator, decay)) == len(list(model.parameters()))
-    opt = torch.optim.AdamW([no_decay, generator, decay], lr=1.0)
+    opt = torch.optim.AdamW(ours, lr=1.0)
     set_lr(opt, 8e-4)
-    assert [g["lr"] for g in opt.param_groups] == [8e-4, 2e-4, 8e-4]
+    assert [g["lr"] for g in opt.param_groups] == [8e-4, 8e-4, 2e-4]
+
+
+def one_adamw_step(model, groups):
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95))
+    model(torch.randn(6, 4, 2, 2), torch.randint(0, 3, (6,))).backward()
+    opt.step()
+    return opt
+
+
+def optimizer_state_by_name(model, opt) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: {k: v.clone() for k, v in opt.state[p].items()}
+            for g in opt.param_groups for p in g["params"] if p in opt.state}
+
+
+def reference_checkpoint(model, opt, epoch, args_dict, scaler_enabled=True) -> dict:
+    """A checkpoint as the reference writes it: its `args` are an argparse.Namespace, and it
+    always saves its fp16 loss scaler."""
+    ckpt = {"model": model.state_dict(), "model_ema": model.state_dict(),
+            "optimizer": opt.state_dict(), "epoch": epoch, "args": argparse.Namespace(**args_dict)}
+    if scaler_enabled:
+        ckpt["scaler"] = torch.amp.GradScaler("cpu", init_scale=1024.0).state_dict()
+    return ckpt
+
+
+def test_reference_optimizer_state_loads_here_and_ours_loads_there(tmp_path):
+    import main_ear
+    # Reference -> here: its optimizer state lands on the same parameters; our hyper-parameters
+    # (the generator's lr scale, which its groups may not carry) stay as our flags say.
+    torch.manual_seed(0)
+    ref_model = tiny_model()
+    ref_opt = one_adamw_step(ref_model, reference_param_groups(ref_model, 0.02, 0.25))
+    ref_opt.param_groups[2].pop("lr_scale")
+    ref_args = {"model": "ear_base", "decoder_embed_dim": 32}  # a Namespace, as the reference's
+    torch.save(reference_checkpoint(ref_model, ref_opt, 4, ref_args), tmp_path / CHECKPOINT_NAME)
+    args = train_parser().parse_args(["--resume", str(tmp_path), "--output_dir", str(tmp_path),
+                                      "--epochs", "9", "--decoder_embed_dim", "32"])
+    main_ear.resolve_args(args, DistInfo())
+    model = tiny_model()
+    state = main_ear.build_train_state(model, args, DistInfo())
+    assert main_ear.resume(state, args, DistInfo()) == 5
+    ours = optimizer_state_by_name(model, state.optimizer)
+    theirs = optimizer_state_by_name(ref_model, ref_opt)
+    assert ours.keys() == theirs.keys() and len(ours) == len(list(model.parameters()))
+    for name in theirs:
+        for k in theirs[name]:
+            assert torch.equal(ours[name][k], theirs[name][k]), (name, k)
+    assert [g["lr_scale"] for g in state.optimizer.param_groups] == [1.0, 1.0, 0.25]
+    assert [g["weight_decay"] for g in state.optimizer.param_groups] == [0.0, 0.02, 0.0]
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ref_model.state_dict()[name])
+
+    # Here -> reference: our fp32 checkpoint loads into the reference's model, EMA and optimizer,
+    # strictly, by its own resume steps (the scaler only if present).
+    torch.manual_seed(1)
+    ours_model = tiny_model()
+    ours_opt = one_adamw_step(ours_model, param_groups(ours_model, 0.02, 0.25))
+    from util.checkpoint import save_training_checkpoint
+    save_training_checkpoint(tmp_path / "ours", ours_model, EMA(ours_model, 0.9), ours_opt,
+                             torch.amp.GradScaler("cpu", enabled=False), 3, args)
+    ckpt = torch.load(tmp_path / "ours" / CHECKPOINT_NAME, weights_only=True)
+    ref_model = tiny_model()
+    ref_model.load_state_dict(ckpt["model"], strict=True)
+    ema = [ckpt["model_ema"][name] for name, _ in ref_model.named_parameters()]
+    assert len(ema) == len(list(ref_model.parameters()))
+    ref_opt = torch.optim.AdamW(reference_param_groups(ref_model, 0.02, 0.25), lr=1e-3, betas=(0.9, 0.95))
+    ref_opt.load_state_dict(ckpt["optimizer"])
+    assert "scaler" not in ckpt
+    theirs = optimizer_state_by_name(ref_model, ref_opt)
+    expected = optimizer_state_by_name(ours_model, ours_opt)
+    for name in expected:
+        for k in expected[name]:
+            assert torch.equal(theirs[name][k], expected[name][k]), (name, k)
+
+
+def test_evaluation_reads_only_the_weights(tmp_path):
+    from util.args import MODEL_ARGS
+    from util.checkpoint import load_sampling_weights
+    torch.manual_seed(0)
+    model = tiny_model()
+    ema_sd = {k: v + 1.0 for k, v in model.state_dict().items()}
+    ckpt = {"model": model.state_dict(), "model_ema": ema_sd, "epoch": 7,
+            "optimizer": "not an optimizer state", "scaler": "nor a scaler state",
+            "args": argparse.Namespace(model="ear_base")}
+    torch.save(ckpt, tmp_path / CHECKPOINT_NAME)
+    args = train_parser().parse_args([])
+    fresh = tiny_model()
+    assert load_sampling_weights(fresh, tmp_path, args, MODEL_ARGS) == 7
+    assert torch.equal(fresh.z_proj.weight, ema_sd["z_proj.weight"])
+    load_sampling_weights(fresh, tmp_path, args, MODEL_ARGS, use_ema=False)
+    assert torch.equal(fresh.z_proj.weight, model.z_proj.weight)
 
 
 def test_learning_rate_schedule_and_scaling():
@@ -245,7 +434,7 @@ def test_training_from_images_through_the_vae(tmp_path, random_vae_ckpt):
     from conftest import make_image_folder
     make_image_folder(tmp_path / "data" / "train", per_class=4)
     args = [*SMALL, "--data_path", tmp_path / "data", "--vae_path", random_vae_ckpt,
-            "--output_dir", tmp_path, "--log_dir", tmp_path, "--batch_size", 4, "--epochs", 1,
+            "--output_dir", tmp_path, "--batch_size", 4, "--epochs", 1,
             "--warmup_epochs", 0, "--lr", 1e-3]
     for flag, value in (("--img_size", 32), ("--vae_stride", 16), ("--vae_embed_dim", 16)):
         args[args.index(flag) + 1] = value
@@ -258,7 +447,7 @@ def test_mixed_precision_runs(cache, tmp_path, precision):
     proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 1, "--precision", precision))
     assert f"; {precision};" in proc.stdout
     ckpt = load_training_checkpoint(tmp_path / CHECKPOINT_NAME)
-    assert bool(ckpt["scaler"]) == (precision == "fp16")  # a loss scaler only for fp16
+    assert ("scaler" in ckpt) == (precision == "fp16")  # a loss scaler only for fp16
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
@@ -294,3 +483,73 @@ def test_compile_trains_without_recompiling(cache, tmp_path):
     proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2, "--compile"))
     assert "recompil" not in proc.stderr  # the generator's varying row count must not recompile
     assert len(epoch_losses(tmp_path)) == 2
+
+
+def test_ema_update_rule_swap_and_state_dict():
+    torch.manual_seed(0)
+    model = tiny_model()
+    ema = EMA(model, 0.9)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    # ema <- 0.9 ema + 0.1 p: one update moves a tenth of the way (an inverted rate: 9 tenths).
+    for e, s0 in zip(ema.params, start):
+        torch.testing.assert_close(e, s0 + 0.1)
+    raw = [p.detach().clone() for p in model.parameters()]
+    ema_values = [e.clone() for e in ema.params]
+
+    ema.swap()
+    assert all(torch.equal(p, e) for p, e in zip(model.parameters(), ema_values))
+    ema.swap()
+    assert all(torch.equal(p, r) for p, r in zip(model.parameters(), raw))
+    with pytest.raises(KeyError):
+        with ema.applied() as m:
+            assert m is model and torch.equal(model.z_proj.weight, ema_values[4])
+            raise KeyError("an error while sampling")
+    assert all(torch.equal(p, r) for p, r in zip(model.parameters(), raw))
+    assert all(torch.equal(e, v) for e, v in zip(ema.params, ema_values))
+
+    # The reference's `model_ema`: the model's full state dict, in its order, holding the EMA.
+    sd = ema.state_dict()
+    assert list(sd) == list(model.state_dict())
+    named = dict(model.named_parameters())
+    assert all(torch.equal(sd[n], v) for n, v in zip(named, ema_values))
+    fresh = EMA(model, 0.9)
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.params, ema_values))
+
+
+def test_online_evaluation_samples_with_the_ema_and_restores_the_raw_weights(tmp_path):
+    import main_ear
+    torch.manual_seed(0)
+    model = tiny_model()
+    state = TrainState(model, model, None, EMA(model, 0.9), None, None, "fp32", torch.device("cpu"))
+    with torch.no_grad():
+        for e in state.ema.params:
+            e.add_(0.5)
+    ema_weight = state.ema.params[4].clone()  # z_proj.weight
+    raw = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def decode(latents):  # the weights the model sampled with, and 3-channel "images"
+        seen.append((model.z_proj.weight.clone(), model.training))
+        return latents[:, :3].clamp(-1, 1)
+
+    class Metrics:
+        def check(self):
+            pass
+
+        def measure(self, folder, labels, name):
+            return {"num_images": len(list(Path(folder).glob("*.png")))}
+
+    args = train_parser().parse_args(["--output_dir", str(tmp_path), "--num_images", "6",
+                                      "--class_num", "3", "--num_iter", "2", "--cfg", "2.0",
+                                      "--eval_bsz", "4", "--device", "cpu"])
+    model.train()
+    results = main_ear.online_evaluation(state, decode, Metrics(), args, DistInfo(), 0, None)
+    assert [r["cfg"] for r in results] == [1.0, 2.0] and results[1]["num_images"] == 6
+    assert seen and all(torch.equal(w, ema_weight) and not training for w, training in seen)
+    assert all(torch.equal(p, r) for p, r in zip(model.parameters(), raw))
+    assert model.training

@@ -97,12 +97,21 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+class ReplicasDiffer(RuntimeError):
+    pass
+
+
 @torch.no_grad()
-def check_replicas_in_sync(model: torch.nn.Module) -> str:
-    """Compare a checksum of the parameters across ranks; raise if any rank has drifted."""
-    params = [p.detach().double() for p in model.parameters()]
-    local = torch.stack([sum(p.sum() for p in params), sum(p.abs().sum() for p in params)])
-    sums = all_gather_objects(local.cpu().tolist())
+def check_replicas_in_sync(model: torch.nn.Module, ema_params=()) -> str:
+    """Compare checksums of the weights and of the EMA across ranks; raise ReplicasDiffer if any
+    rank has drifted (the replicas are meant to be bit-identical)."""
+    def checksum(tensors):
+        tensors = [t.detach().double() for t in tensors]
+        return [float(sum(t.sum() for t in tensors)), float(sum(t.abs().sum() for t in tensors))]
+    local = checksum(model.parameters()) + checksum(ema_params)
+    sums = all_gather_objects(local)
     if any(s != sums[0] for s in sums):
-        raise RuntimeError(f"model replicas differ across ranks (checksums {sums})")
-    return f"weights identical on all {len(sums)} rank(s) (checksum {sums[0][0]:.10g})"
+        raise ReplicasDiffer(f"model replicas differ across ranks (per rank: weight sum, |weight| "
+                             f"sum, EMA sum, |EMA| sum = {sums})")
+    return (f"weights and EMA identical on all {len(sums)} rank(s) (checksums {sums[0][0]:.10g}, "
+            f"EMA {sums[0][2]:.10g})")

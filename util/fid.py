@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURE_DIM = 2048
+IS_SPLITS = 10
 
 
 def load_fid_stats(path, fetch_hint: str = "python util/download.py --fid_stats") -> tuple:
@@ -13,15 +14,19 @@ def load_fid_stats(path, fetch_hint: str = "python util/download.py --fid_stats"
     if not path.is_file():
         raise FileNotFoundError(f"FID statistics {path} not found; fetch them with `{fetch_hint}`")
     try:
-        with np.load(path) as data:
-            keys = set(data.files)
-            if not {"mu", "sigma"} <= keys:
-                raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(keys)}")
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-    except ValueError:
-        raise
-    except Exception as e:
+        data = np.load(path)
+    except Exception as e:  # garbage, a pickle, a truncated download ...
         raise ValueError(f"{path}: not a readable .npz file ({e})") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: expected an .npz archive with arrays 'mu' and 'sigma', "
+                         "found a single .npy array")
+    with data:
+        if not {"mu", "sigma"} <= set(data.files):
+            raise ValueError(f"{path}: expected arrays 'mu' and 'sigma', found {sorted(data.files)}")
+        try:
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read mu/sigma ({e})") from e
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
         raise ValueError(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, "
                          f"{FEATURE_DIM}), found {mu.shape} and {sigma.shape}")
@@ -44,34 +49,55 @@ def fid_from_statistics(mu1, sigma1, mu2, sigma2) -> float:
     return out[KEY_METRIC_FID]
 
 
-def resolve_inception_weights(path):
-    """The Inception weights to use: `path`, else the file `util/download.py --inception`
-    writes, else None (torch-fidelity then downloads them itself)."""
+INCEPTION_SHA256_PREFIX = INCEPTION_FILE.rsplit("-", 1)[1].split(".")[0]  # torch-fidelity's name
+FETCH_INCEPTION = "python util/download.py --inception"
+
+
+def resolve_inception_weights(path) -> Path:
+    """The Inception weights file: `path`, else the one `util/download.py --inception` writes.
+
+    Never None: torch-fidelity's own fallback download unpickles with weights_only=False and
+    checks no hash, so a missing file is an error that names the fetch command.
+    """
     if path:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"--inception_weights {path}: no such file; fetch it with "
-                                    "`python util/download.py --inception`")
-        return str(path)
-    return str(DEFAULT_INCEPTION) if DEFAULT_INCEPTION.is_file() else None
+            raise FileNotFoundError(f"--inception_weights {path}: no such file; fetch the weights "
+                                    f"with `{FETCH_INCEPTION}`")
+        return Path(path)
+    if not DEFAULT_INCEPTION.is_file():
+        raise FileNotFoundError(f"no Inception weights at {DEFAULT_INCEPTION}: fetch them with "
+                                f"`{FETCH_INCEPTION}` (where there is network), or pass "
+                                "--inception_weights PATH")
+    return DEFAULT_INCEPTION
 
 
 def inception_extractor(device, weights_path=None):
-    """torch-fidelity's `inception-v3-compat` network giving pool features and logits."""
+    """torch-fidelity's `inception-v3-compat` network giving pool features and logits.
+
+    The file is read once; its bytes are loaded with weights_only=True (plain tensors only)
+    before torch-fidelity loads the same bytes, so nothing in the file can run code. A file whose
+    SHA-256 is not that of the standard weights gets a warning: its FID is not comparable.
+    """
+    import hashlib
+    import io
+    import sys
+
     import torch
     from torch_fidelity.utils import create_feature_extractor
-    weights_path = resolve_inception_weights(weights_path)
-    if weights_path is not None:
-        # torch-fidelity loads with weights_only=False; make sure the file is plain tensors first.
-        from util.checkpoint import read_weights
-        read_weights(weights_path)
+    path = resolve_inception_weights(weights_path)
+    data = path.read_bytes()
     try:
-        extractor = create_feature_extractor(
-            "inception-v3-compat", ["2048", "logits_unbiased"], cuda=False, verbose=False,
-            feature_extractor_weights_path=weights_path)
-    except OSError as e:  # URLError and friends: no network, no weights
-        raise RuntimeError(f"could not download the Inception weights ({e}); fetch them where there "
-                           "is network with `python util/download.py --inception` and pass "
-                           "--inception_weights PATH") from e
+        torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a plain state dict of tensors ({e})") from e
+    digest = hashlib.sha256(data).hexdigest()
+    if not digest.startswith(INCEPTION_SHA256_PREFIX):
+        print(f"warning: {path} has sha256 {digest[:16]}..., not the standard Inception weights "
+              f"({INCEPTION_SHA256_PREFIX}...): its FID/IS are not comparable with published ones",
+              file=sys.stderr)
+    extractor = create_feature_extractor(
+        "inception-v3-compat", ["2048", "logits_unbiased"], cuda=False, verbose=False,
+        feature_extractor_weights_path=io.BytesIO(data))
     return extractor.to(torch.device(device))
 
 
@@ -88,10 +114,12 @@ def fid_and_inception_score(folder, reference: tuple, extractor, device="cpu",
                                           save_cpu_ram=True, verbose=False)
     pool = feats["2048"].double().numpy()
     fid = fid_from_statistics(pool.mean(0), np.cov(pool, rowvar=False), *reference)
-    isc = isc_featuresdict_to_metric(feats, "logits_unbiased", isc_splits=10,
+    # The standard 10 splits; fewer images than that would leave splits empty (IS = NaN).
+    splits = min(IS_SPLITS, len(images))
+    isc = isc_featuresdict_to_metric(feats, "logits_unbiased", isc_splits=splits,
                                      samples_shuffle=True, rng_seed=2020, verbose=False)
     return {"fid": fid, "is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
-            "num_images": len(images)}
+            "is_splits": splits, "num_images": len(images)}
 
 
 class InceptionMetrics:

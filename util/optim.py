@@ -1,4 +1,5 @@
 """Optimiser set-up for EAR: parameter groups, the learning-rate schedule, and the EMA."""
+import contextlib
 import math
 
 import torch
@@ -6,14 +7,15 @@ import torch.nn as nn
 
 
 def param_groups(model: nn.Module, weight_decay: float, score_lrscale: float) -> list:
-    """Three AdamW groups, as in the reference:
+    """Three AdamW groups, in the reference's order (its saved optimizer state loads only into
+    groups in this order), each group's parameters in `named_parameters()` order:
 
-    - 1-D parameters and biases (generator's included): no weight decay, full lr;
-    - the generator's (`scoreloss.`) weight matrices: no weight decay, lr * score_lrscale;
-    - everything else: weight decay.
+    - 1-D parameters and biases (the generator's included): no weight decay, full lr;
+    - everything else outside the generator: weight decay;
+    - the generator's (`scoreloss.`) weight matrices: no weight decay, lr * score_lrscale.
     Each group carries `lr_scale`, applied by `set_lr`.
     """
-    no_decay, generator, decay = [], [], []
+    no_decay, decay, generator = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
@@ -25,9 +27,25 @@ def param_groups(model: nn.Module, weight_decay: float, score_lrscale: float) ->
             decay.append(p)
     return [
         {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": generator, "weight_decay": 0.0, "lr_scale": score_lrscale},
         {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": generator, "weight_decay": 0.0, "lr_scale": score_lrscale},
     ]
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, source: str) -> None:
+    """Take the per-parameter state (moments, step counts) from `state_dict` and keep this run's
+    hyper-parameters (weight decay, lr scale, betas ...): `Optimizer.load_state_dict` would
+    replace them with the saved ones, and a reference checkpoint's groups carry no `lr_scale`."""
+    saved = state_dict.get("param_groups", [])
+    ours = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g.get("params", ())) for g in saved]
+    if ours != theirs:
+        raise ValueError(f"{source}: the optimizer state has parameter groups of sizes {theirs}, "
+                         f"this model's are {ours} (order: no decay, decay, generator)")
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state_dict)
+    for group, kept in zip(optimizer.param_groups, settings):
+        group.update(kept)
 
 
 def lr_at(epoch: float, base_lr: float, warmup_epochs: float, epochs: int,
@@ -81,3 +99,13 @@ class EMA:
             tmp = p.detach().float().clone()
             p.copy_(ema)
             ema.copy_(tmp)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """Run the block with the EMA values in the model; the raw weights come back after it,
+        whether it ends normally or with an exception."""
+        self.swap()
+        try:
+            yield self.model
+        finally:
+            self.swap()

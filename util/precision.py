@@ -1,4 +1,5 @@
-"""Mixed precision as a plain flag: --precision auto|fp32|bf16|fp16."""
+"""Mixed precision as a plain flag: --precision auto|fp32|bf16|fp16 (training and sampling) and
+--vae_precision fp32|bf16|fp16 (the VAE encoder)."""
 import contextlib
 
 import torch
@@ -6,10 +7,12 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(precision: str, device: torch.device, cuda_default: str) -> str:
-    """`auto` means fp32 on the CPU (where half precision is slow) and `cuda_default` on CUDA."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto` means fp16 on CUDA, as the reference's autocast (with a loss scaler in training),
+    and fp32 on the CPU, where half precision is slow. Training, --evaluate and sample_ear.py
+    all resolve it here, so the same flags give the same precision."""
     if precision == "auto":
-        return cuda_default if device.type == "cuda" else "fp32"
+        return "fp16" if device.type == "cuda" else "fp32"
     return precision
 
 
