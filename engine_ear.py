@@ -4,7 +4,6 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -14,51 +13,25 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from models.vae import LATENT_SCALE, DiagonalGaussian
 from util.distributed import all_gather_objects, barrier
 from util.images import save_grid, save_png, to_uint8
-from util.optim import EMA, lr_at, set_lr
+from util.builders import TrainState
+from util.optim import lr_at, set_lr
 from util.precision import autocast, resolve_precision
 
 
-class LatentBatches:
-    """Turns a loader batch into (tokens as a map (B, C, h, w), labels (B,)) on the device.
+class TokenBatches:
+    """Turns a loader batch into (token map (B, C, h, w), labels (B,)) on the device: cached
+    moments through `tokenizer.from_moments`, images through `tokenizer.encode`."""
 
-    source "pixel": the images in [-1, 1] are the map; "cached": VAE moments (B, 2C, h, w);
-    "vae": images encoded here (no gradient) in `vae_precision` (fp32 unless asked, as the
-    reference encodes). VAE latents are one posterior sample times LATENT_SCALE.
-    """
-
-    def __init__(self, source: str, device: torch.device, vae_precision: str = "fp32",
-                 vae: nn.Module = None):
-        self.source, self.device, self.precision, self.vae = source, device, vae_precision, vae
+    def __init__(self, tokenizer, cached: bool, device: torch.device):
+        self.tokenizer, self.cached, self.device = tokenizer, cached, device
 
     @torch.no_grad()
     def __call__(self, batch):
         data, labels = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
-        if self.source == "pixel":
-            return data, labels
-        if self.source == "vae":
-            with autocast(self.device, self.precision):
-                data = self.vae.encode(data).parameters
-        return DiagonalGaussian(data.float()).sample() * LATENT_SCALE, labels
-
-
-@dataclass
-class TrainState:
-    """Everything an optimizer step touches.
-
-    model: the bare EAR (state dicts, EMA, sampling); train_model: what the forward pass runs
-    through (the same model, or DDP and/or torch.compile around it); ddp: the DDP wrapper, if any.
-    """
-    model: nn.Module
-    train_model: nn.Module
-    ddp: nn.Module
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    precision: str
-    device: torch.device
+        to_tokens = self.tokenizer.from_moments if self.cached else self.tokenizer.encode
+        return to_tokens(data), labels
 
 
 class NonFiniteLoss(RuntimeError):
@@ -115,7 +88,7 @@ def optimizer_step(state: TrainState, micro_batches, args) -> tuple:
     return loss, grad_norm
 
 
-def train_one_epoch(state: TrainState, loader, to_latents: LatentBatches, epoch: int, args,
+def train_one_epoch(state: TrainState, loader, to_tokens: TokenBatches, epoch: int, args,
                     log_writer=None, is_main: bool = True) -> dict:
     """One pass over the loader: len(loader) // accumulation_steps optimizer steps (a remainder
     smaller than one step is left out). Returns the epoch's mean loss and last lr."""
@@ -130,7 +103,7 @@ def train_one_epoch(state: TrainState, loader, to_latents: LatentBatches, epoch:
         lr = lr_at(epoch + step / steps, args.lr, args.warmup_epochs, args.epochs,
                    args.lr_schedule, args.min_lr)
         set_lr(state.optimizer, lr)
-        micro_batches = [to_latents(next(batches)) for _ in range(k)]
+        micro_batches = [to_tokens(next(batches)) for _ in range(k)]
         try:
             loss, grad_norm = optimizer_step(state, micro_batches, args)
         except NonFiniteLoss as e:

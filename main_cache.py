@@ -19,12 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from models.vae import load_vae
+from models.tokenizer import build_tokenizer
 from util.args import cache_parser, check_positive
-from util.fileio import atomic_write, remove_stale_temporaries
 from util.distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
+from util.fileio import atomic_write, remove_stale_temporaries
 from util.loader import ImageFolderWithFilename, image_transform, train_folder
-from util.precision import autocast
 
 FAILED_LIST = "failed_images.txt"
 
@@ -52,12 +51,10 @@ def collate(batch):
     return images, [rel for _, rel in good], failed
 
 
-@torch.no_grad()
-def encode_with_flip(vae, images: torch.Tensor, precision: str):
+def encode_with_flip(tokenizer, images: torch.Tensor):
     """Moments of the images and of their horizontal flips: two float32 arrays (B, 2C, h, w)."""
-    with autocast(images.device, precision):
-        moments = vae.encode(torch.cat([images, images.flip(dims=[3])])).parameters
-    return moments.float().cpu().numpy().reshape(2, images.shape[0], *moments.shape[1:])
+    moments = tokenizer.moments(torch.cat([images, images.flip(dims=[3])]))
+    return moments.cpu().numpy().reshape(2, images.shape[0], *moments.shape[1:])
 
 
 def write_cache_file(path: Path, moments: np.ndarray, moments_flip: np.ndarray) -> None:
@@ -66,8 +63,9 @@ def write_cache_file(path: Path, moments: np.ndarray, moments_flip: np.ndarray) 
 
 def check_args(args) -> None:
     check_positive(args, "batch_size", "img_size")
-    if args.img_size % 16 != 0:
-        raise SystemExit(f"error: --img_size must be a multiple of 16 (the VAE stride), got {args.img_size}")
+    if args.img_size % args.vae_stride != 0:
+        raise SystemExit(f"error: --img_size must be a multiple of --vae_stride {args.vae_stride}, "
+                         f"got {args.img_size}")
     if not args.cached_path:
         raise SystemExit("error: --cached_path is required: the folder to write the cache to")
     if not train_folder(args.data_path).is_dir():
@@ -75,7 +73,7 @@ def check_args(args) -> None:
                          f"{train_folder(args.data_path)}/<class>/<image> (the ImageNet layout)")
 
 
-def report(args, counts, failures, seconds: float) -> None:
+def report(args, tokenizer, counts, failures, seconds: float) -> None:
     written, skipped, failed = (int(c) for c in counts)
     files = sum(1 for _ in Path(args.cached_path).glob("*/*.npz"))
     sample = next(Path(args.cached_path).glob("*/*.npz"), None)
@@ -83,7 +81,7 @@ def report(args, counts, failures, seconds: float) -> None:
     print(f"cache done in {seconds:.0f} s: {written} written, {skipped} already cached, "
           f"{failed} failed")
     print(f"layout: {args.cached_path}/<class>/<file>.npz with keys moments, moments_flip "
-          f"(float32, {2 * args.vae_embed_dim}x{args.img_size // 16}x{args.img_size // 16}); "
+          f"(float32, {'x'.join(map(str, tokenizer.cache_shape(args.img_size // tokenizer.stride)))}); "
           f"{files} files, {size_gb:.2f} GB")
     if failures:
         print(f"unreadable images listed in {Path(args.cached_path) / FAILED_LIST}")
@@ -93,6 +91,12 @@ def report(args, counts, failures, seconds: float) -> None:
 def main(args) -> None:
     check_args(args)
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp)
+    try:  # loaded first: a missing or wrong VAE fails before anything is listed or written
+        tokenizer = build_tokenizer(vars(args), info.device)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    if not tokenizer.cacheable:
+        raise SystemExit(f"error: --tokenizer {args.tokenizer} has nothing to cache")
     torch.manual_seed(args.seed + info.rank)
     dataset = ImageFolderWithFilename(train_folder(args.data_path), image_transform(args.img_size, random_flip=False),
                                       skip_bad=args.skip_bad)
@@ -106,7 +110,6 @@ def main(args) -> None:
     done = set() if args.overwrite else existing_cache_files(args.cached_path, dataset.classes)
     shard = range(info.rank, len(dataset), info.world_size)  # disjoint, no padding
     todo = [i for i in shard if dataset.relative_path(i) not in done]
-    vae = load_vae(args.vae_path, args.vae_embed_dim).to(info.device)
     loader = DataLoader(Subset(dataset, todo), batch_size=args.batch_size, shuffle=False,
                         num_workers=args.num_workers, collate_fn=collate,
                         pin_memory=args.pin_mem and info.device.type == "cuda")
@@ -122,7 +125,7 @@ def main(args) -> None:
         for rel, err in failed:
             print(f"[rank {info.rank}] skipping unreadable image {rel}: {err}")
         if images is not None:
-            both = encode_with_flip(vae, images.to(info.device, non_blocking=True), args.vae_precision)
+            both = encode_with_flip(tokenizer, images.to(info.device, non_blocking=True))
             for i, rel in enumerate(paths):
                 write_cache_file(cache_file(args.cached_path, rel), both[0, i], both[1, i])
             written += len(paths)
@@ -139,7 +142,7 @@ def main(args) -> None:
             atomic_write(failed_list, lambda f: f.write(text.encode()))
         else:  # a list from an earlier run would name images that are cached by now
             failed_list.unlink(missing_ok=True)
-        report(args, counts, all_failures, time.time() - start)
+        report(args, tokenizer, counts, all_failures, time.time() - start)
     cleanup()
 
 

@@ -1,50 +1,93 @@
 """Draw samples from a trained EAR and save them as one grid (a row per class).
 
-    python sample_ear.py --resume ${OUTPUT_DIR} --model ear_base --class_ids 207 360 387 974 \
+    python sample_ear.py --resume ${OUTPUT_DIR} --class_ids 207 360 387 974 \
         --samples_per_class 8 --cfg 3.0 --infer_temperature 0.7 --num_iter 64 --out samples.png
 
-Uses the checkpoint's EMA weights (--no_ema: the raw ones). Model flags must match training
-(they are checked against the checkpoint). --save_individual DIR also writes every image.
+The network (size, head, tokenizer) comes from the checkpoint's saved arguments; it loads the
+EMA weights (--no_ema: the raw ones). Network flags given anyway (e.g. --model) are checked
+against the checkpoint, training flags (e.g. from @configs/digits_quickstart.args) are ignored.
+--save_individual DIR also writes every image.
 """
+import argparse
 from pathlib import Path
 
 import torch
 
 from engine_ear import generate
-from main_ear import build_decoder, build_model, resolve_args
-from models.vae import load_vae
-from util.args import MODEL_ARGS, train_parser
-from util.checkpoint import load_sampling_weights
-from util.distributed import DistInfo
+from util.args import (ArgsFileParser, add_device_args, add_precision_arg, add_sampling_args,
+                       architecture_flags, explicit_flags, train_parser)
+from util.builders import build_model, make_tokenizer, settings_from_checkpoint
+from util.checkpoint import CHECKPOINT_NAME, check_same_config, load_training_checkpoint
 from util.images import save_grid, save_png, to_uint8
+from util.weights import load_state_dict_strict
 
 
-def parser():
-    p = train_parser()
-    p.description = __doc__.split("\n")[0]
+def parser() -> ArgsFileParser:
+    p = ArgsFileParser(description=__doc__.split("\n")[0])
+    g = p.add_argument_group("checkpoint")
+    g.add_argument("--resume", required=True, help="folder holding checkpoint-last.pth")
+    g.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    g.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt",
+                   help="KL-16 VAE weights, for a checkpoint trained on VAE latents")
     g = p.add_argument_group("sampling")
     g.add_argument("--class_ids", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
                    help="classes to draw, one grid row each")
     g.add_argument("--samples_per_class", type=int, default=8)
+    add_sampling_args(g)
+    g = p.add_argument_group("output")
     g.add_argument("--out", default="samples.png", help="grid PNG to write")
     g.add_argument("--save_individual", default="", help="also write every image to this folder")
-    g.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    g = p.add_argument_group("system")
+    add_device_args(g)
+    add_precision_arg(g)
     return p
 
 
-def main(args) -> None:
-    device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
-    resolve_args(args, DistInfo(device=device))
-    torch.manual_seed(args.seed)
-    model = build_model(args).to(device).eval()
+def parse_args(argv=None) -> tuple:
+    """(sampling args, the other training flags given). Words neither parser knows are errors."""
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    given, unknown = explicit_flags(train_parser(), rest)
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args, given
+
+
+def load_checkpoint(args, given: dict) -> tuple:
+    """(model with the checkpoint's weights, its training settings, epoch)."""
+    path = Path(args.resume) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise SystemExit(f"error: no {CHECKPOINT_NAME} in --resume {args.resume}")
+    ckpt = load_training_checkpoint(path)
+    settings = settings_from_checkpoint(ckpt.get("args"))
+    network = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
     try:
-        epoch = load_sampling_weights(model, args.resume, args, MODEL_ARGS, use_ema=not args.no_ema)
-    except FileNotFoundError as e:
+        check_same_config(ckpt.get("args"), argparse.Namespace(**network), network, path)
+    except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    vae = load_vae(args.vae_path, args.vae_embed_dim).to(device) if args.tokenizer == "vae" else None
-    decode = build_decoder(args, vae)
+    ignored = sorted(set(given) - set(network))
+    if ignored:
+        print(f"note: ignoring training flags {', '.join('--' + n for n in ignored)}: the network "
+              f"comes from {path}")
+    vars(settings).update(network)  # a checkpoint without saved args: the flags say
+    model = build_model(settings)
+    key = "model" if args.no_ema or "model_ema" not in ckpt else "model_ema"
+    load_state_dict_strict(model, ckpt[key], f"{path} [{key}]")
+    return model, settings, ckpt["epoch"]
+
+
+def main(args, given: dict) -> None:
+    device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed)
+    model, settings, epoch = load_checkpoint(args, given)
+    if not all(0 <= c < settings.class_num for c in args.class_ids):
+        raise SystemExit(f"error: --class_ids must be in [0, {settings.class_num}): the "
+                         f"checkpoint's classes")
+    model.to(device).eval()
+    tokenizer = make_tokenizer({**vars(settings), "vae_path": args.vae_path, "use_cached": False},
+                               device)
     labels = torch.tensor(args.class_ids).repeat_interleave(args.samples_per_class)
-    images = torch.cat([generate(model, decode, chunk, args.cfg, args, device)
+    images = torch.cat([generate(model, tokenizer.decode, chunk, args.cfg, args, device)
                         for chunk in labels.split(args.eval_bsz)])
     images = to_uint8(images)
     grid = save_grid(images, args.samples_per_class, args.out)
@@ -54,9 +97,10 @@ def main(args) -> None:
         for i, (img, label) in enumerate(zip(images, labels.tolist())):
             row, col = divmod(i, args.samples_per_class)
             save_png(img, folder / f"row{row:02d}_class{label:04d}_{col:02d}.png")
-    print(f"epoch {epoch} checkpoint, cfg {args.cfg}, temperature {args.infer_temperature}, "
-          f"{args.num_iter} steps: wrote {grid} ({len(args.class_ids)} classes x {args.samples_per_class})")
+    print(f"{settings.model} ({settings.head} head), epoch {epoch} checkpoint, cfg {args.cfg}, "
+          f"temperature {args.infer_temperature}, {args.num_iter} steps: wrote {grid} "
+          f"({len(args.class_ids)} classes x {args.samples_per_class})")
 
 
 if __name__ == "__main__":
-    main(parser().parse_args())
+    main(*parse_args())

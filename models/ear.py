@@ -2,7 +2,8 @@
 
 An image's VAE latent (B, C, H, W) is cut into L tokens of dimension D. Training masks a random
 subset of tokens (in a random order), runs a bidirectional Transformer over the rest, and trains
-the generator (models/scoreloss.py) to sample each masked token from the Transformer's hidden
+the output head (models/heads.py; the paper's is the energy-score generator of
+models/scoreloss.py) to sample each masked token from the Transformer's hidden
 state. Generation starts from an all-masked sequence and fills it in `num_iter` steps, following
 one random order per image, more tokens per step as the sequence fills up (cosine schedule).
 
@@ -19,7 +20,7 @@ from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from models.scoreloss import ScoreLoss, check_alpha_temperature
+from models.heads import HEADS
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -35,28 +36,45 @@ class EAR(nn.Module):
         label_drop_prob: chance, per training sample, of replacing the class by `fake_latent`.
         class_num: number of classes; buffer_size: class-prefix length.
         attn_dropout, proj_dropout: dropout inside the Transformer blocks.
-        scoreloss_d, scoreloss_w, noise_channels, alpha, train_temperature: the generator and
-            its loss (models/scoreloss.py).
-        score_batch_mul: each masked token is scored with this many independent sample pairs.
         grad_checkpointing: recompute block activations in backward to save memory.
+        head: the output head's name in models/heads.py (`energy`: the paper's generator).
+        **head_settings: the head's own settings, e.g. the energy head's scoreloss_d,
+            scoreloss_w, noise_channels, alpha, train_temperature, score_batch_mul.
     """
+    # {argument: (help, shapes the weights)} for the settings that are command-line flags; the
+    # defaults are the signature's. A checkpoint must agree on the weight-shaping ones.
+    FLAGS = {
+        "img_size": ("image side in pixels", True),
+        "vae_stride": ("pixels per latent position (the tokenizer's stride)", True),
+        "patch_size": ("latent positions per token side", True),
+        "vae_embed_dim": ("latent channels (the tokenizer's)", True),
+        "decoder_embed_dim": ("Transformer width", True),
+        "decoder_depth": ("Transformer depth", True),
+        "decoder_num_heads": ("attention heads", True),
+        "class_num": ("number of classes", True),
+        "buffer_size": ("class-prefix positions", True),
+        "mask_ratio_min": ("lowest training mask ratio", False),
+        "label_drop_prob": ("chance of dropping the class during training (for guidance)", False),
+        "attn_dropout": ("attention dropout", False),
+        "proj_dropout": ("projection dropout", False),
+        "grad_checkpointing": ("recompute Transformer activations in backward to save memory", False),
+    }
 
-    def __init__(self, img_size=256, vae_stride=16, patch_size=1,
-                 decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16,
-                 mlp_ratio=4., norm_layer=partial(nn.LayerNorm, eps=1e-6),
-                 vae_embed_dim=16, mask_ratio_min=0.7, label_drop_prob=0.1, class_num=1000,
-                 attn_dropout=0.1, proj_dropout=0.1, buffer_size=64,
-                 scoreloss_d=6, scoreloss_w=1024, score_batch_mul=2, grad_checkpointing=False,
-                 alpha=1.0, noise_channels=64, train_temperature=1.0):
+    def __init__(self, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
+                 decoder_embed_dim: int = 1024, decoder_depth: int = 16, decoder_num_heads: int = 16,
+                 mlp_ratio: float = 4., norm_layer=partial(nn.LayerNorm, eps=1e-6),
+                 vae_embed_dim: int = 16, mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1,
+                 class_num: int = 1000, attn_dropout: float = 0.1, proj_dropout: float = 0.1,
+                 buffer_size: int = 64, grad_checkpointing: bool = False, head: str = "energy",
+                 **head_settings):
         super().__init__()
         if img_size % (vae_stride * patch_size) != 0:
             raise ValueError(f"img_size {img_size} is not divisible by vae_stride * patch_size "
                              f"= {vae_stride} * {patch_size}")
         if not 0.0 <= mask_ratio_min <= 1.0:
             raise ValueError(f"mask_ratio_min must be in [0, 1], got {mask_ratio_min}")
-        if score_batch_mul < 1:
-            raise ValueError(f"score_batch_mul must be >= 1, got {score_batch_mul}")
-        check_alpha_temperature(alpha, train_temperature)
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {sorted(HEADS)}, got {head!r}")
         self.vae_embed_dim = vae_embed_dim
         self.patch_size = patch_size
         self.seq_h = self.seq_w = img_size // vae_stride // patch_size
@@ -66,7 +84,6 @@ class EAR(nn.Module):
         self.buffer_size = buffer_size
         self.label_drop_prob = label_drop_prob
         self.mask_ratio_min = mask_ratio_min
-        self.score_batch_mul = score_batch_mul
         self.grad_checkpointing = grad_checkpointing
 
         # Registration order is the reference state-dict order.
@@ -82,9 +99,17 @@ class EAR(nn.Module):
             for _ in range(decoder_depth)])
         self.decoder_norm = norm_layer(decoder_embed_dim)
         self.initialize_weights()
-        # Created after the Transformer's initialisation: the generator keeps its own.
-        self.scoreloss = ScoreLoss(self.token_embed_dim, decoder_embed_dim, scoreloss_d,
-                                   scoreloss_w, noise_channels, alpha, train_temperature)
+        # Created after the Transformer's initialisation, under its own name (the energy head:
+        # `scoreloss`, the reference's keys): the head keeps its own initialisation.
+        head_cls = HEADS[head]
+        self.head_name = head_cls.attribute
+        self.add_module(self.head_name, head_cls(self.token_embed_dim, decoder_embed_dim,
+                                                 **head_settings))
+
+    @property
+    def head(self) -> nn.Module:
+        """The output head (models/heads.py), whatever its module name."""
+        return self._modules[self.head_name]
 
     def initialize_weights(self) -> None:
         for p in (self.class_emb.weight, self.fake_latent, self.mask_token,
@@ -186,12 +211,11 @@ class EAR(nn.Module):
         mask = self.mask_by_order(orders, num_masked)
         z = self.forward_transformer(tokens, self.class_embedding(labels, bsz, imgs.device), mask)
         # The masked positions are the first `num_masked` of each order: gather them directly,
-        # so the generator only sees rows that enter the loss.
+        # so the head only sees rows that enter the loss.
         index = orders[:, :num_masked, None]
         z = z.gather(1, index.expand(-1, -1, z.shape[-1])).flatten(0, 1)
         target = tokens.gather(1, index.expand(-1, -1, tokens.shape[-1])).flatten(0, 1)
-        k = self.score_batch_mul
-        return self.scoreloss(target.repeat(k, 1), z.repeat(k, 1))
+        return self.head(target, z)
 
     # ----- generation ---------------------------------------------------------------------
     def masked_after_step(self, step: int, num_iter: int, num_masked: int) -> int:
@@ -233,48 +257,38 @@ class EAR(nn.Module):
             # Fill order[remaining:num_masked] (on the last step everything still masked).
             index = orders[:, (0 if last else remaining):num_masked]
             n_fill = index.shape[1]
-            # With guidance the rows come out conditional half first, as scoreloss.sample wants.
+            # With guidance the rows come out conditional half first, as a head's sample wants.
             z = z.gather(1, (torch.cat([index, index]) if guided else index)[..., None]
                          .expand(-1, -1, z.shape[-1])).flatten(0, 1)
             if guided and cfg_schedule == "linear":
                 cfg_step = 1 + (cfg - 1) * (self.seq_len - remaining) / self.seq_len
             else:
                 cfg_step = cfg if guided else 1.0
-            new = self.scoreloss.sample(z, infer_temperature, cfg_step).to(tokens.dtype)
+            new = self.head.sample(z, infer_temperature, cfg_step).to(tokens.dtype)
             tokens.scatter_(1, index[..., None].expand(-1, -1, self.token_embed_dim),
                             new.reshape(bsz, n_fill, -1))
             num_masked = 0 if last else remaining
         return self.unpatchify(tokens)
 
 
-# The paper's model sizes (Transformer and generator); constructor arguments override them.
+# The named Transformer sizes (the paper's, and a CPU-sized one); each head brings its own size
+# for each name (e.g. the energy head's generator: 6 x 1024 for ear_base).
 MODEL_SIZES = {
-    "ear_base": dict(decoder_embed_dim=768, decoder_depth=24, decoder_num_heads=12,
-                     scoreloss_d=6, scoreloss_w=1024),
-    "ear_large": dict(decoder_embed_dim=1024, decoder_depth=32, decoder_num_heads=16,
-                      scoreloss_d=8, scoreloss_w=1280),
-    "ear_huge": dict(decoder_embed_dim=1280, decoder_depth=40, decoder_num_heads=16,
-                     scoreloss_d=12, scoreloss_w=1536),
-    "ear_tiny": dict(decoder_embed_dim=128, decoder_depth=6, decoder_num_heads=4,
-                     scoreloss_d=3, scoreloss_w=128),
+    "ear_base": dict(decoder_embed_dim=768, decoder_depth=24, decoder_num_heads=12),
+    "ear_large": dict(decoder_embed_dim=1024, decoder_depth=32, decoder_num_heads=16),
+    "ear_huge": dict(decoder_embed_dim=1280, decoder_depth=40, decoder_num_heads=16),
+    "ear_tiny": dict(decoder_embed_dim=128, decoder_depth=6, decoder_num_heads=4),  # ~1.5M, CPU
 }
 
 
-def ear_base(**kwargs) -> EAR:
-    return EAR(**{**MODEL_SIZES["ear_base"], **kwargs})
+def named_sizes(model: str, head: str = "energy") -> dict:
+    """The Transformer's and the head's size settings of a named model."""
+    return {**MODEL_SIZES[model], **HEADS[head].SIZES[model]}
 
 
-def ear_large(**kwargs) -> EAR:
-    return EAR(**{**MODEL_SIZES["ear_large"], **kwargs})
+def named_model(model: str, head: str = "energy", **kwargs) -> EAR:
+    """A named size with the given head; any EAR or head argument in kwargs overrides."""
+    return EAR(head=head, **{**named_sizes(model, head), **kwargs})
 
 
-def ear_huge(**kwargs) -> EAR:
-    return EAR(**{**MODEL_SIZES["ear_huge"], **kwargs})
-
-
-def ear_tiny(**kwargs) -> EAR:
-    """About 1.5M parameters: the CPU quick start's size (not a paper model)."""
-    return EAR(**{**MODEL_SIZES["ear_tiny"], **kwargs})
-
-
-ear_models = {"ear_base": ear_base, "ear_large": ear_large, "ear_huge": ear_huge, "ear_tiny": ear_tiny}
+ear_models = {name: partial(named_model, name) for name in MODEL_SIZES}

@@ -41,12 +41,22 @@ def energy_score(x1: torch.Tensor, x2: torch.Tensor, target: torch.Tensor,
     return temperature * dist(x1, x2) - dist(x1, target) - dist(x2, target)
 
 
+def guided_hidden_state(z: torch.Tensor, cfg: float) -> torch.Tensor:
+    """Guidance on hidden states: z is [z_cond; z_uncond] (2M, C) when cfg != 1, and becomes
+    cfg * z_cond + (1 - cfg) * z_uncond (M, C); with cfg == 1 it is returned as it is."""
+    if cfg == 1.0:
+        return z
+    z_cond, z_uncond = z.chunk(2)
+    return cfg * z_cond + (1 - cfg) * z_uncond
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
 
 class ResBlock(nn.Module):
-    """Residual MLP block whose LayerNorm is shifted, scaled and gated by the noise embedding."""
+    """Residual MLP block whose LayerNorm is shifted, scaled and gated by a conditioning vector
+    (here the noise embedding; in the diffusion head, timestep plus hidden state)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -54,9 +64,9 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, noise_emb: torch.Tensor, temperature: float) -> torch.Tensor:
-        """x, noise_emb: (N, w). `temperature` multiplies the shift (eval mode only)."""
-        shift, scale, gate = self.adaLN_modulation(noise_emb).chunk(3, dim=-1)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """x, cond: (N, w). `temperature` multiplies the shift (eval mode only)."""
+        shift, scale, gate = self.adaLN_modulation(cond).chunk(3, dim=-1)
         if not self.training:
             shift = shift * temperature
         h = self.mlp(modulate(self.in_ln(x), shift, scale))
@@ -64,7 +74,7 @@ class ResBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Noise-modulated LayerNorm (no affine) followed by the projection to the token."""
+    """Modulated LayerNorm (no affine) followed by the projection to the output."""
 
     def __init__(self, width: int, out_dim: int):
         super().__init__()
@@ -72,9 +82,22 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: torch.Tensor, noise_emb: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaLN_modulation(noise_emb).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(cond).chunk(2, dim=-1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def init_modulated_mlp(net: nn.Module, res_blocks, final_layer: FinalLayer) -> None:
+    """Xavier-uniform weights and zero biases, then zero modulation outputs and last projection:
+    every residual block starts as the identity and the untrained network outputs 0."""
+    for m in net.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in [blk.adaLN_modulation[-1] for blk in res_blocks] + [final_layer.adaLN_modulation[-1],
+                                                                  final_layer.linear]:
+        nn.init.zeros_(m.weight)
+        nn.init.zeros_(m.bias)
 
 
 class NoiseMLP(nn.Module):
@@ -98,17 +121,7 @@ class NoiseMLP(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        # Zero the modulation outputs and the last projection: an untrained generator outputs 0,
-        # and every residual block starts as the identity.
-        zero = [blk.adaLN_modulation[-1] for blk in self.res_blocks]
-        zero += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-        for m in zero:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_modulated_mlp(self, self.res_blocks, self.final_layer)
 
     def forward(self, z: torch.Tensor, noise: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """z: (N, in_dim), noise: (N, noise_channels) -> samples (N, out_dim)."""
@@ -120,24 +133,45 @@ class NoiseMLP(nn.Module):
 
 
 class ScoreLoss(nn.Module):
-    """Energy-score loss and sampler around the `NoiseMLP` generator (`self.net`).
+    """The energy head: energy-score loss and sampler around the `NoiseMLP` generator (`net`).
 
     Args:
-        target_channels: token dimension D.
-        z_channels: width of the conditioning hidden state.
-        depth, width: generator size (`scoreloss_d`, `scoreloss_w`).
+        token_dim: token dimension D.
+        z_dim: width of the conditioning hidden state.
+        scoreloss_d, scoreloss_w: generator depth and width.
         noise_channels: dimension of the Uniform[-0.5, 0.5] input noise.
         alpha: exponent of the distances, in (0, 2].
         train_temperature: weight tau <= 1 of the sample-sample distance in the loss.
+        score_batch_mul: each masked token is scored with this many independent sample pairs.
     """
+    attribute = "scoreloss"  # the reference checkpoints' prefix
+    own_optimizer_group = True
+    FLAGS = {
+        "scoreloss_d": ("generator depth", True),
+        "scoreloss_w": ("generator width", True),
+        "noise_channels": ("generator input-noise dimension", True),
+        "alpha": ("energy-score exponent, in (0, 2]", False),
+        "train_temperature": ("weight (<= 1) of the sample-sample distance in the loss", False),
+        # The reference's flag defaults to 1 while its constructor (and ours) defaults to 2,
+        # as MAR's diffusion_batch_mul does (1 vs 4): the third entry is the flag's default.
+        "score_batch_mul": ("independent sample pairs per masked token", False, 1),
+    }
+    SIZES = {"ear_base": dict(scoreloss_d=6, scoreloss_w=1024),
+             "ear_large": dict(scoreloss_d=8, scoreloss_w=1280),
+             "ear_huge": dict(scoreloss_d=12, scoreloss_w=1536),
+             "ear_tiny": dict(scoreloss_d=3, scoreloss_w=128)}
 
-    def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 noise_channels: int = 64, alpha: float = 1.0, train_temperature: float = 1.0):
+    def __init__(self, token_dim: int, z_dim: int, scoreloss_d: int = 6, scoreloss_w: int = 1024,
+                 noise_channels: int = 64, alpha: float = 1.0, train_temperature: float = 1.0,
+                 score_batch_mul: int = 2):
         super().__init__()
         check_alpha_temperature(alpha, train_temperature)
+        if score_batch_mul < 1:
+            raise ValueError(f"score_batch_mul must be >= 1, got {score_batch_mul}")
         self.alpha = alpha
         self.train_temperature = train_temperature
-        self.net = NoiseMLP(z_channels, width, depth, target_channels, noise_channels)
+        self.score_batch_mul = score_batch_mul
+        self.net = NoiseMLP(z_dim, scoreloss_w, scoreloss_d, token_dim, noise_channels)
 
     def generate(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """One sample per row of z (N, C), with fresh noise for every row -> (N, D)."""
@@ -148,24 +182,29 @@ class ScoreLoss(nn.Module):
         """Mean negative energy score.
 
         target: (N, D), z: (N, C), mask: optional (N,), 1 = row enters the loss. Rows with mask 0
-        are dropped before the generator runs, so they cost nothing and change nothing.
+        are dropped before the generator runs, so they cost nothing and change nothing. Each
+        kept row is repeated `score_batch_mul` times, each copy with its own pair of samples.
         """
         if mask is not None:
             keep = mask.bool()
             target, z = target[keep], z[keep]
+        k = self.score_batch_mul
+        target, z = target.repeat(k, 1), z.repeat(k, 1)
         x1, x2 = self.generate(torch.cat([z, z])).chunk(2)
         score = energy_score(x1, x2, target, self.alpha, self.train_temperature)
         return -score.mean()
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, infer_temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
         """Draw one token per conditioning row.
 
         z: (N, C). With cfg != 1, z is the conditional half followed by the unconditional half
         (N = 2M); guidance mixes the hidden states, z = cfg * z_cond + (1 - cfg) * z_uncond,
-        before the generator, and M samples are returned. Returns (N or N/2, D).
+        before the generator, and M samples are returned. `temperature` scales the residual
+        blocks' shifts (eval mode only). Returns (N or N/2, D).
         """
-        if cfg != 1.0:
-            z_cond, z_uncond = z.chunk(2)
-            z = cfg * z_cond + (1 - cfg) * z_uncond
-        return self.generate(z, infer_temperature)
+        return self.generate(guided_hidden_state(z, cfg), temperature)
+
+    def compile_for_training(self) -> None:
+        # The loss's row count follows the mask ratio: compile the MLP for dynamic shapes.
+        self.net.compile(dynamic=True)

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from engine_ear import LatentBatches
-from main_ear import build_decoder
+from engine_ear import TokenBatches
 from models.ear import ear_models
-from util.args import train_parser
+from models.tokenizer import PixelTokenizer
 from util.digits import DigitClassifier, DigitsDataset, digits_split, frechet_distance
 
 
@@ -38,10 +37,10 @@ def test_pixel_tokens_round_trip_exactly():
     assert tokens.shape == (32, 16, 4)
     assert torch.equal(model.unpatchify(tokens), images)
     # The training batches are the pixels themselves; decoding gives them back.
-    latents, labels = LatentBatches("pixel", torch.device("cpu"), "fp32")((images, ds.labels[:32]))
+    tokenizer = PixelTokenizer(channels=1)
+    latents, labels = TokenBatches(tokenizer, False, torch.device("cpu"))((images, ds.labels[:32]))
     assert torch.equal(latents, images)
-    args = train_parser().parse_args(["--tokenizer", "pixel"])
-    assert torch.equal(build_decoder(args, None)(latents), images)
+    assert torch.equal(tokenizer.decode(latents), images)
 
 
 def test_classifier_accuracy_on_known_answers(classifier):

@@ -37,25 +37,26 @@ def numpy_loss(x1, x2, y, alpha, tau):
     return float(np.mean(d(x1, y) + d(x2, y) - tau * d(x1, x2)))
 
 
-@pytest.mark.parametrize("alpha", [1.0, 1.5])
-@pytest.mark.parametrize("tau", [1.0, 0.99])
-def test_loss_matches_float64_formula(alpha, tau):
-    sl = randomised(ScoreLoss(5, 12, depth=2, width=16, noise_channels=8,
-                              alpha=alpha, train_temperature=tau))
+@pytest.mark.parametrize("alpha, tau, k", [(1.0, 1.0, 1), (1.5, 1.0, 1), (1.0, 0.99, 2),
+                                          (1.5, 0.99, 3)])
+def test_loss_matches_float64_formula(alpha, tau, k):
+    sl = randomised(ScoreLoss(5, 12, scoreloss_d=2, scoreloss_w=16, noise_channels=8,
+                              alpha=alpha, train_temperature=tau, score_batch_mul=k))
     target, z = torch.randn(40, 5), torch.randn(40, 12)
     mask = torch.rand(40) < 0.6
 
     torch.manual_seed(1)
     loss = sl(target, z, mask)
-    # Replay the same noise: the loss draws it for [z_masked; z_masked] in one call.
+    # Replay the same noise: the loss repeats the masked rows k times (score_batch_mul) and
+    # draws the noise for [rows; rows] in one call.
     torch.manual_seed(1)
-    zm = z[mask]
+    zm, tm = z[mask].repeat(k, 1), target[mask].repeat(k, 1)
     x1, x2 = sl.generate(torch.cat([zm, zm])).detach().chunk(2)
     assert not torch.equal(x1, x2)
-    expected = numpy_loss(x1, x2, target[mask], alpha, tau)
+    expected = numpy_loss(x1, x2, tm, alpha, tau)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # The pure per-row score agrees with numpy in float64 too.
-    score = energy_score(x1.double(), x2.double(), target[mask].double(), alpha, tau)
+    score = energy_score(x1.double(), x2.double(), tm.double(), alpha, tau)
     assert -score.mean().item() == pytest.approx(expected, rel=1e-12)
 
     # Unmasked rows change nothing: perturb them and get the identical loss.
@@ -66,8 +67,16 @@ def test_loss_matches_float64_formula(alpha, tau):
     assert sl(target2, z2, mask).item() == loss.item()
 
 
+def test_a_nan_distance_stays_nan():
+    """The zero-distance guard must not turn NaN into 0: the training guard needs to see it."""
+    x = torch.zeros(3, 2)
+    target = torch.tensor([[0.0, 0.0], [float("nan"), 0.0], [1.0, 0.0]])
+    score = energy_score(x, x.clone(), target)
+    assert score[0] == 0 and torch.isnan(score[1]) and score[2] == -2.0
+
+
 def test_untrained_generator_outputs_zero_and_has_finite_gradients():
-    sl = ScoreLoss(3, 8, depth=2, width=16)
+    sl = ScoreLoss(3, 8, scoreloss_d=2, scoreloss_w=16)
     z = torch.randn(10, 8)
     assert torch.equal(sl.sample(z), torch.zeros(10, 3))
     for alpha in (0.5, 1.0, 1.5):  # x1 == x2 exactly at init: the norm's gradient must stay finite
@@ -100,7 +109,7 @@ def test_generator_learns_a_2d_mixture():
     """Train only the generator (fixed z) on the mixture. Measured at this seed: energy distance
     0.020 trained, 0.085 for a single-Gaussian fit, 1.46 untrained, 0.002 between two true sets."""
     torch.manual_seed(0)
-    sl = ScoreLoss(2, 8, depth=3, width=64).double()
+    sl = ScoreLoss(2, 8, scoreloss_d=3, scoreloss_w=64, score_batch_mul=1).double()
     z = torch.randn(1, 8, dtype=torch.float64)
     reference = mixture(2000)
     untrained = energy_distance(sl.sample(z.expand(2000, -1)), reference)
@@ -124,7 +133,7 @@ def test_generator_learns_a_2d_mixture():
 
 
 def test_temperature_scales_only_the_residual_shift_in_eval_mode():
-    sl = randomised(ScoreLoss(4, 6, depth=3, width=16, noise_channels=8))
+    sl = randomised(ScoreLoss(4, 6, scoreloss_d=3, scoreloss_w=16, noise_channels=8))
     z = torch.randn(32, 6)
 
     def draw(model, **kw):
@@ -133,10 +142,10 @@ def test_temperature_scales_only_the_residual_shift_in_eval_mode():
 
     sl.train()
     untempered = draw(sl)
-    assert torch.equal(draw(sl, infer_temperature=0.5), untempered)  # ignored in train mode
+    assert torch.equal(draw(sl, temperature=0.5), untempered)  # ignored in train mode
     sl.eval()
-    assert torch.equal(draw(sl, infer_temperature=1.0), untempered)
-    tempered = draw(sl, infer_temperature=0.5)
+    assert torch.equal(draw(sl, temperature=1.0), untempered)
+    tempered = draw(sl, temperature=0.5)
     assert not torch.allclose(tempered, untempered)
 
     # Independent construction: halve the rows of every residual block's modulation Linear that
@@ -148,11 +157,11 @@ def test_temperature_scales_only_the_residual_shift_in_eval_mode():
             w = lin.out_features // 3
             lin.weight[:w] *= 0.5
             lin.bias[:w] *= 0.5
-    torch.testing.assert_close(tempered, draw(manual, infer_temperature=1.0))
+    torch.testing.assert_close(tempered, draw(manual, temperature=1.0))
 
 
 def test_guidance_mixes_hidden_states_before_the_generator():
-    sl = randomised(ScoreLoss(4, 6, depth=2, width=16, noise_channels=8)).eval()
+    sl = randomised(ScoreLoss(4, 6, scoreloss_d=2, scoreloss_w=16, noise_channels=8)).eval()
     z_cond, z_uncond = torch.randn(10, 6), torch.randn(10, 6)
     torch.manual_seed(5)
     guided = sl.sample(torch.cat([z_cond, z_uncond]), cfg=3.0)
@@ -166,4 +175,4 @@ def test_guidance_mixes_hidden_states_before_the_generator():
                                      ({"train_temperature": 1.01}, "train_temperature")])
 def test_bad_loss_settings_are_rejected(kw, msg):
     with pytest.raises(ValueError, match=msg):
-        ScoreLoss(2, 4, depth=1, width=8, **kw)
+        ScoreLoss(2, 4, scoreloss_d=1, scoreloss_w=8, **kw)

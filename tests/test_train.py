@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from engine_ear import TrainState, optimizer_step
-from main_ear import resolve_args
+from engine_ear import optimizer_step
 from models.ear import EAR
 from util.args import train_parser
 from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
+from util.builders import TrainState, build_train_state, resolve_args
 from util.distributed import DistInfo
 from util.optim import EMA, lr_at, param_groups, set_lr
 
@@ -183,10 +183,46 @@ def test_non_finite_training_stops_every_rank_and_keeps_the_checkpoint(good_run,
         args[i:i + 2] = ["--blr", 1e9]
     proc = run_script("main_ear.py", args, nproc=nproc, check=False)
     assert proc.returncode != 0
+    # The NaN must reach the loss itself (the energy score's zero-distance guard once hid it).
+    what = "non-finite loss" if fault == "nan_latent" else "non-finite"
     for rank in range(nproc):
-        assert f"[rank {rank}] error: non-finite" in proc.stderr, proc.stderr[-3000:]
+        assert f"[rank {rank}] error: {what}" in proc.stderr, proc.stderr[-3000:]
     assert "replicas differ" not in proc.stderr
     assert (out / CHECKPOINT_NAME).read_bytes() == before
+
+
+def test_non_finite_gradients_stop_before_the_update_without_a_loss_scaler():
+    from engine_ear import NonFiniteLoss
+    torch.manual_seed(0)
+    model = tiny_model()
+    state = TrainState(model, model, None, EMA(model, 0.9),
+                       torch.optim.AdamW(param_groups(model, 0.02, 0.25), lr=1e-3),
+                       torch.amp.GradScaler("cpu", enabled=False), "fp32", torch.device("cpu"))
+    before = [p.detach().clone() for p in model.parameters()]
+    hook = model.z_proj.weight.register_hook(lambda g: g * float("nan"))
+    batch = [(torch.randn(4, 4, 2, 2), torch.tensor([0, 1, 2, 0]))]
+    with pytest.raises(NonFiniteLoss, match="gradient norm"):
+        optimizer_step(state, batch, argparse.Namespace(grad_clip=3.0))
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(torch.equal(e, b) for e, b in zip(state.ema.params, before))
+    hook.remove()
+    optimizer_step(state, batch, argparse.Namespace(grad_clip=3.0))  # finite again: it steps
+    assert not torch.equal(model.z_proj.weight, before[4])
+
+
+def test_replica_check_covers_the_ema(monkeypatch):
+    import util.distributed as distributed
+    model = tiny_model()
+    ema = EMA(model, 0.9)
+    seen = []
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda local: seen.append(local) or [local])
+    assert "weights and EMA identical on all 1 rank(s)" in distributed.check_replicas_in_sync(model, ema.params)
+    rank0 = seen[0]
+    with torch.no_grad():
+        ema.params[3] += 1.0  # another rank's EMA drifted; its weights did not
+    monkeypatch.setattr(distributed, "all_gather_objects", lambda local: [rank0, local])
+    with pytest.raises(distributed.ReplicasDiffer, match="EMA"):
+        distributed.check_replicas_in_sync(model, ema.params)
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
@@ -312,15 +348,15 @@ def test_reference_optimizer_state_loads_here_and_ours_loads_there(tmp_path):
     # (the generator's lr scale, which its groups may not carry) stay as our flags say.
     torch.manual_seed(0)
     ref_model = tiny_model()
-    ref_opt = one_adamw_step(ref_model, reference_param_groups(ref_model, 0.02, 0.25))
+    ref_opt = one_adamw_step(ref_model, reference_param_groups(ref_model, 0.05, 0.5))
     ref_opt.param_groups[2].pop("lr_scale")
     ref_args = {"model": "ear_base", "decoder_embed_dim": 32}  # a Namespace, as the reference's
     torch.save(reference_checkpoint(ref_model, ref_opt, 4, ref_args), tmp_path / CHECKPOINT_NAME)
     args = train_parser().parse_args(["--resume", str(tmp_path), "--output_dir", str(tmp_path),
                                       "--epochs", "9", "--decoder_embed_dim", "32"])
-    main_ear.resolve_args(args, DistInfo())
+    resolve_args(args, DistInfo())
     model = tiny_model()
-    state = main_ear.build_train_state(model, args, DistInfo())
+    state = build_train_state(model, args, DistInfo())
     assert main_ear.resume(state, args, DistInfo()) == 5
     ours = optimizer_state_by_name(model, state.optimizer)
     theirs = optimizer_state_by_name(ref_model, ref_opt)
@@ -357,7 +393,7 @@ def test_reference_optimizer_state_loads_here_and_ours_loads_there(tmp_path):
 
 
 def test_evaluation_reads_only_the_weights(tmp_path):
-    from util.args import MODEL_ARGS
+    from util.args import architecture_flags
     from util.checkpoint import load_sampling_weights
     torch.manual_seed(0)
     model = tiny_model()
@@ -368,9 +404,9 @@ def test_evaluation_reads_only_the_weights(tmp_path):
     torch.save(ckpt, tmp_path / CHECKPOINT_NAME)
     args = train_parser().parse_args([])
     fresh = tiny_model()
-    assert load_sampling_weights(fresh, tmp_path, args, MODEL_ARGS) == 7
+    assert load_sampling_weights(fresh, tmp_path, args, architecture_flags("energy")) == 7
     assert torch.equal(fresh.z_proj.weight, ema_sd["z_proj.weight"])
-    load_sampling_weights(fresh, tmp_path, args, MODEL_ARGS, use_ema=False)
+    load_sampling_weights(fresh, tmp_path, args, architecture_flags("energy"), use_ema=False)
     assert torch.equal(fresh.z_proj.weight, model.z_proj.weight)
 
 

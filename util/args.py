@@ -1,33 +1,133 @@
 """Command-line arguments, defined once and shared by the entry points.
 
-Flag names and defaults follow the reference release, so its README commands run unchanged.
+Flag names and defaults follow the reference release, so its README commands run unchanged. The
+network's flags are derived from the constructors, where the settings are written: name, type and
+default from the signature of `EAR` (models/ear.py) and of each head (models/heads.py), help from
+their `FLAGS` tables.
 """
 import argparse
+import inspect
+
+from models.ear import EAR, MODEL_SIZES
+from models.heads import HEADS
+from models.tokenizer import TOKENIZERS
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ArgsFileParser(argparse.ArgumentParser):
+    """Also reads flags from files named `@file`: whitespace-separated, `#` starts a comment.
+    Flags after the file override it: `main_ear.py @configs/digits_quickstart.args --epochs 2`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars="@", **kwargs)
+
+    def convert_arg_line_to_args(self, line: str) -> list:
+        return line.split("#", 1)[0].split()
+
+
+# ----- the network's settings, derived from the constructors ----------------------------------
+
+def sized_settings() -> set:
+    """Settings a named model size provides (Transformer and head sizes)."""
+    sizes = list(MODEL_SIZES.values()) + [s for h in HEADS.values() for s in h.SIZES.values()]
+    return {name for size in sizes for name in size}
+
+
+def add_settings(group, cls, names=None) -> None:
+    """A flag for each entry of `cls.FLAGS` (or the given `names` of them), typed and defaulted
+    by `cls.__init__`'s signature. Settings a named size provides default to None: the size's.
+    An entry (help, shapes, default) gives the flag a default of its own."""
+    params = inspect.signature(cls.__init__).parameters
+    sized = sized_settings()
+    for name in names or cls.FLAGS:
+        help_text, _, *flag_default = cls.FLAGS[name]
+        param = params[name]
+        default = flag_default[0] if flag_default else param.default
+        if param.annotation is bool:
+            assert param.default is False, f"{cls.__name__}.{name}: a bool flag must default to False"
+            group.add_argument(f"--{name}", action="store_true", help=help_text)
+        elif name in sized:
+            group.add_argument(f"--{name}", type=param.annotation, default=None,
+                               help=f"{help_text} (default: the named size's)")
+        else:
+            group.add_argument(f"--{name}", type=param.annotation, default=default,
+                               help=f"{help_text} (default: {default})")
+
+
+def network_settings(head: str) -> tuple:
+    """Every flag that reaches the constructor of EAR with this head."""
+    return tuple(EAR.FLAGS) + tuple(HEADS[head].FLAGS)
+
+
+def architecture_flags(head: str) -> tuple:
+    """The flags a checkpoint must agree on: the model, tokenizer and head names and every
+    setting of EAR and of this head that shapes the weights."""
+    shaping = [n for cls in (EAR, HEADS[head]) for n, (_, shapes, *_) in cls.FLAGS.items() if shapes]
+    return ("model", "tokenizer", "head", *shaping)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="ear_base", choices=sorted(MODEL_SIZES),
+                   help="named model size (ear_tiny: ~1.5M parameters, for CPU runs)")
+    g.add_argument("--head", default="energy", choices=sorted(HEADS),
+                   help="output head (models/heads.py); energy: the paper's generator")
+    add_settings(g, EAR, [n for n in EAR.FLAGS if n not in TOKEN_SETTINGS])
+    for name, head in HEADS.items():
+        add_settings(p.add_argument_group(f"{name} head (--head {name})"), head)
+
+
+# ----- data, sampling, system -------------------------------------------------------------------
+
+# The model's settings that describe the token maps: the data and cache flags show them.
+TOKEN_SETTINGS = ("img_size", "vae_stride", "vae_embed_dim")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and tokenizer")
-    g.add_argument("--img_size", type=int, default=256, help="image side in pixels")
+    g.add_argument("--tokenizer", default="vae", choices=sorted(TOKENIZERS),
+                   help="vae: KL-16 latents; pixel: the image's own pixels are the tokens "
+                        "(needs --vae_stride 1 and --vae_embed_dim = image channels)")
+    add_settings(g, EAR, TOKEN_SETTINGS)
     g.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt",
                    help="KL-16 VAE weights, .ckpt or .safetensors (python util/download.py)")
-    g.add_argument("--vae_embed_dim", type=int, default=16, help="VAE latent channels")
+    g.add_argument("--vae_precision", default="fp32", choices=PRECISIONS,
+                   help="precision of VAE encoding (caching and on-the-fly): fp32 as the "
+                        "reference; bf16/fp16 are faster and change the latents slightly")
     g.add_argument("--data_path", default="./data/imagenet",
                    help="dataset root; training images in <data_path>/train/<class>/<image>")
     g.add_argument("--cached_path", default="", help="folder of cached VAE latents (main_cache.py)")
     g.add_argument("--batch_size", type=int, default=32, help="images per process and step")
     g.add_argument("--num_workers", type=int, default=10, help="data-loading worker processes")
-    g.add_argument("--vae_precision", default="fp32", choices=["fp32", "bf16", "fp16"],
-                   help="precision of VAE encoding (caching and on-the-fly): fp32 as the "
-                        "reference; bf16/fp16 are faster and change the latents slightly")
     g.add_argument("--pin_mem", action="store_true", default=True,
                    help="pin host memory for faster copies to the GPU (default on)")
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 
 
-def add_system_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("system")
+def add_sampling_args(g) -> None:
+    g.add_argument("--num_iter", type=int, default=64, help="sampling steps")
+    g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    g.add_argument("--cfg_schedule", default="linear", choices=["linear", "constant"])
+    g.add_argument("--infer_temperature", type=float, default=1.0,
+                   help="sampling temperature (energy head: scales the generator's residual shifts)")
+    g.add_argument("--eval_bsz", type=int, default=64, help="images per process and sampling batch")
+
+
+def add_device_args(g) -> None:
     g.add_argument("--device", default="cuda", help="cuda or cpu (falls back to cpu if no CUDA)")
     g.add_argument("--seed", type=int, default=1, help="random seed; each rank uses seed + rank")
+
+
+def add_precision_arg(g) -> None:
+    g.add_argument("--precision", default="auto", choices=["auto", *PRECISIONS],
+                   help="autocast precision of training and sampling; auto = fp16 with a loss "
+                        "scaler on CUDA (as the reference), fp32 on the CPU")
+
+
+def add_system_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("system")
+    add_device_args(g)
     g.add_argument("--world_size", type=int, default=1,
                    help="accepted for compatibility; the launcher's environment decides")
     g.add_argument("--local_rank", type=int, default=-1,
@@ -36,17 +136,13 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dist_url", default="env://", help="process-group rendezvous URL")
 
 
-def add_precision_arg(g) -> None:
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision of training and sampling; auto = fp16 with a loss "
-                        "scaler on CUDA (as the reference), fp32 on the CPU")
-
-
 def check_positive(args: argparse.Namespace, *names: str) -> None:
     for name in names:
         if getattr(args, name) <= 0:
             raise SystemExit(f"error: --{name} must be positive, got {getattr(args, name)}")
 
+
+# ----- the parsers ------------------------------------------------------------------------------
 
 def cache_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -57,52 +153,12 @@ def cache_parser() -> argparse.ArgumentParser:
     p.set_defaults(batch_size=128)
     g = p.add_argument_group("caching")
     g.add_argument("--precision", dest="vae_precision", default=argparse.SUPPRESS,
-                   choices=["fp32", "bf16", "fp16"], help="the same as --vae_precision")
+                   choices=PRECISIONS, help="the same as --vae_precision")
     g.add_argument("--overwrite", action="store_true", help="re-encode files already in the cache")
     g.add_argument("--skip_bad", action="store_true",
                    help="log unreadable images to <cached_path>/failed_images.txt and continue "
                         "(default: stop at the first one)")
     return p
-
-
-# Arguments that define the network: a resumed checkpoint must agree on all of them.
-MODEL_ARGS = ("model", "tokenizer", "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "img_size", "vae_stride", "patch_size", "vae_embed_dim", "class_num",
-              "buffer_size", "scoreloss_d", "scoreloss_w", "noise_channels")
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", default="ear_base",
-                   choices=["ear_base", "ear_large", "ear_huge", "ear_tiny"],
-                   help="named model size (ear_tiny: ~1.5M parameters, for CPU runs)")
-    for name, what in (("decoder_embed_dim", "width"), ("decoder_depth", "depth"),
-                       ("decoder_num_heads", "attention heads")):
-        g.add_argument(f"--{name}", type=int, default=None,
-                       help=f"Transformer {what} (default: the named size's)")
-    g.add_argument("--vae_stride", type=int, default=16, help="pixels per latent position")
-    g.add_argument("--patch_size", type=int, default=1, help="latent positions per token side")
-    g.add_argument("--class_num", type=int, default=1000, help="number of classes")
-    g.add_argument("--buffer_size", type=int, default=64, help="class-prefix positions")
-    g.add_argument("--mask_ratio_min", type=float, default=0.7, help="lowest training mask ratio")
-    g.add_argument("--label_drop_prob", type=float, default=0.1,
-                   help="chance of dropping the class during training (for guidance)")
-    g.add_argument("--attn_dropout", type=float, default=0.1)
-    g.add_argument("--proj_dropout", type=float, default=0.1)
-    g.add_argument("--grad_checkpointing", action="store_true",
-                   help="recompute Transformer activations in backward to save memory")
-    g = p.add_argument_group("generator and energy score")
-    g.add_argument("--scoreloss_d", type=int, default=None,
-                   help="generator depth (default: the named size's, 6/8/12)")
-    g.add_argument("--scoreloss_w", type=int, default=None,
-                   help="generator width (default: the named size's, 1024/1280/1536)")
-    g.add_argument("--noise_channels", type=int, default=64, help="generator input-noise dimension")
-    g.add_argument("--alpha", type=float, default=1.0, help="energy-score exponent, in (0, 2]")
-    g.add_argument("--train_temperature", type=float, default=1.0,
-                   help="weight (<= 1) of the sample-sample distance in the loss")
-    g.add_argument("--infer_temperature", type=float, default=1.0,
-                   help="sampling temperature (scales the generator's residual shifts)")
-    g.add_argument("--score_batch_mul", type=int, default=1,
-                   help="independent sample pairs per masked token")
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -118,7 +174,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup_epochs", type=float, default=100, help="linear warm-up, in epochs")
     g.add_argument("--weight_decay", type=float, default=0.02)
     g.add_argument("--score_lrscale", type=float, default=0.25,
-                   help="lr multiplier for the generator's weight matrices")
+                   help="lr multiplier for the energy head's weight matrices")
     g.add_argument("--grad_clip", type=float, default=3.0, help="max gradient norm (0: off)")
     g.add_argument("--ema_rate", type=float, default=0.9999)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -127,9 +183,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default="imagenet", choices=["imagenet", "digits"],
                    help="imagenet: an image folder (--data_path) or its cache (--cached_path); "
                         "digits: scikit-learn's built-in 8x8 handwritten digits")
-    g.add_argument("--tokenizer", default="vae", choices=["vae", "pixel"],
-                   help="vae: KL-16 latents; pixel: the image's own pixels are the tokens "
-                        "(needs --vae_stride 1 and --vae_embed_dim = image channels)")
     g.add_argument("--use_cached", action="store_true",
                    help="train on cached latents from --cached_path instead of encoding images")
     g = p.add_argument_group("output and resume")
@@ -144,15 +197,21 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--print_freq", type=int, default=20, help="log every this many steps")
 
 
-class ArgsFileParser(argparse.ArgumentParser):
-    """Also reads flags from files named `@file`: whitespace-separated, `#` starts a comment.
-    Flags after the file override it: `main_ear.py @configs/digits_quickstart.args --epochs 2`."""
-
-    def __init__(self, **kwargs):
-        super().__init__(fromfile_prefix_chars="@", **kwargs)
-
-    def convert_arg_line_to_args(self, line: str) -> list:
-        return line.split("#", 1)[0].split()
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("generation and evaluation")
+    g.add_argument("--evaluate", action="store_true",
+                   help="only evaluate the checkpoint in --resume (EMA weights), then exit")
+    g.add_argument("--online_eval", action="store_true", help="evaluate during training")
+    g.add_argument("--eval_freq", type=int, default=40, help="evaluate every this many epochs")
+    g.add_argument("--num_images", type=int, default=50000,
+                   help="images to generate, a multiple of --class_num (balanced classes)")
+    add_sampling_args(g)
+    g.add_argument("--fid_stats", default="fid_stats/adm_in256_stats.npz",
+                   help="reference mu/sigma .npz (python util/download.py --fid_stats)")
+    g.add_argument("--inception_weights", default="",
+                   help="torch-fidelity Inception weights file (python util/download.py --inception)")
+    g.add_argument("--keep_samples", action="store_true",
+                   help="keep the generated PNG folder after measuring FID/IS")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -166,22 +225,9 @@ def train_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("generation and evaluation")
-    g.add_argument("--evaluate", action="store_true",
-                   help="only evaluate the checkpoint in --resume (EMA weights), then exit")
-    g.add_argument("--online_eval", action="store_true", help="evaluate during training")
-    g.add_argument("--eval_freq", type=int, default=40, help="evaluate every this many epochs")
-    g.add_argument("--eval_bsz", type=int, default=64, help="images per process and sampling batch")
-    g.add_argument("--num_images", type=int, default=50000,
-                   help="images to generate, a multiple of --class_num (balanced classes)")
-    g.add_argument("--num_iter", type=int, default=64, help="sampling steps")
-    g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
-    g.add_argument("--cfg_schedule", default="linear", choices=["linear", "constant"])
-    g.add_argument("--fid_stats", default="fid_stats/adm_in256_stats.npz",
-                   help="reference mu/sigma .npz (python util/download.py --fid_stats)")
-    g.add_argument("--inception_weights", default="",
-                   help="torch-fidelity Inception weights file, for machines without network "
-                        "(python util/download.py --inception)")
-    g.add_argument("--keep_samples", action="store_true",
-                   help="keep the generated PNG folder after measuring FID/IS")
+def explicit_flags(parser: argparse.ArgumentParser, argv: list) -> tuple:
+    """(the flags of `parser` that `argv` sets, as a dict; the words it does not know)."""
+    for action in parser._actions:  # argparse has no public way to drop every default
+        action.default = argparse.SUPPRESS
+    given, unknown = parser.parse_known_args(argv)
+    return vars(given), unknown

@@ -35,6 +35,8 @@ def digits_split(held_out: float = 0.2, seed: int = 0):
 class DigitsDataset(Dataset):
     """Training digits as (image (1, 8, 8) in [-1, 1], label); `classes` as an ImageFolder's."""
 
+    channels, side = 1, SIDE
+
     def __init__(self):
         x, y, _, _ = digits_split()
         self.images = torch.from_numpy(x).float().div(127.5).sub(1.0)[:, None]

@@ -7,29 +7,32 @@ import torch.nn as nn
 
 
 def param_groups(model: nn.Module, weight_decay: float, score_lrscale: float) -> list:
-    """Three AdamW groups, in the reference's order (its saved optimizer state loads only into
-    groups in this order), each group's parameters in `named_parameters()` order:
+    """AdamW groups in the reference's order (its saved optimizer state loads only into groups
+    in this order), each group's parameters in `named_parameters()` order:
 
-    - 1-D parameters and biases (the generator's included): no weight decay, full lr;
-    - everything else outside the generator: weight decay;
-    - the generator's (`scoreloss.`) weight matrices: no weight decay, lr * score_lrscale.
+    - 1-D parameters and biases (the head's included): no weight decay, full lr;
+    - the other weight matrices: weight decay;
+    - if the head asks for a group of its own (`own_optimizer_group`, the energy head as in the
+      reference): its weight matrices, with no weight decay and lr * score_lrscale.
     Each group carries `lr_scale`, applied by `set_lr`.
     """
+    head = model.head
+    own = {id(p) for p in head.parameters()} if head.own_optimizer_group else set()
     no_decay, decay, generator = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if p.ndim == 1 or name.endswith(".bias"):
             no_decay.append(p)
-        elif name.startswith("scoreloss."):
+        elif id(p) in own:
             generator.append(p)
         else:
             decay.append(p)
-    return [
-        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-        {"params": generator, "weight_decay": 0.0, "lr_scale": score_lrscale},
-    ]
+    groups = [{"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0}]
+    if head.own_optimizer_group:
+        groups.append({"params": generator, "weight_decay": 0.0, "lr_scale": score_lrscale})
+    return groups
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, source: str) -> None:

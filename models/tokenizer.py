@@ -1,0 +1,96 @@
+"""Tokenizers: images <-> the continuous token maps EAR models, (B, C, h, w).
+
+A tokenizer knows its stride (pixels per token-map position), the channels of the images it
+takes and of the maps it gives, and how to go both ways. The VAE tokenizer can also hand out
+its encoder's *moments* (mean and log-variance, (B, 2C, h, w)), which `main_cache.py` stores and
+training turns back into tokens with `from_moments`. Adding a tokenizer is one class plus one
+line in `TOKENIZERS`; `build_tokenizer` is the only place that looks at `--tokenizer`.
+"""
+from typing import Mapping
+
+import torch
+
+from models.vae import LATENT_SCALE, DiagonalGaussian, load_vae
+from util.precision import autocast
+
+
+class VAETokenizer:
+    """KL-16 latents: images (B, 3, H, W) in [-1, 1] <-> tokens (B, C, H/16, W/16), a posterior
+    sample times LATENT_SCALE (decoding divides by it). Encodes in `precision` (fp32 unless
+    asked, as the reference). The network is loaded only when `load` is set: training on a
+    cache without evaluation never needs it."""
+    stride = 16
+    image_channels = 3
+    cacheable = True
+
+    def __init__(self, vae_path, embed_dim: int = 16, precision: str = "fp32",
+                 device=torch.device("cpu"), load: bool = True):
+        self.channels, self.precision, self.device = embed_dim, precision, torch.device(device)
+        self.vae = load_vae(vae_path, embed_dim).to(self.device) if load else None
+
+    @classmethod
+    def from_settings(cls, settings: Mapping, device, load: bool) -> "VAETokenizer":
+        return cls(settings["vae_path"], settings["vae_embed_dim"], settings["vae_precision"],
+                   device, load)
+
+    def cache_shape(self, side: int) -> tuple:
+        """Shape of one image's cached moments for a side x side token map: (2C, side, side)."""
+        return 2 * self.channels, side, side
+
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> encoder moments (B, 2C, h, w), float32."""
+        with autocast(images.device, self.precision):
+            return self.vae.encode(images).parameters.float()
+
+    def from_moments(self, moments: torch.Tensor) -> torch.Tensor:
+        """Moments (B, 2C, h, w) -> tokens: one posterior sample times LATENT_SCALE."""
+        return DiagonalGaussian(moments.float()).sample() * LATENT_SCALE
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.from_moments(self.moments(images))
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (B, C, h, w) -> images (B, 3, 16h, 16w), roughly in [-1, 1]."""
+        return self.vae.decode(tokens / LATENT_SCALE)
+
+
+class PixelTokenizer:
+    """The image's own pixels in [-1, 1] are the tokens (stride 1): no network, no cache. With
+    `--patch_size p` the model groups p x p pixels into one token."""
+    stride = 1
+    cacheable = False
+
+    def __init__(self, channels: int):
+        self.channels = self.image_channels = channels
+
+    @classmethod
+    def from_settings(cls, settings: Mapping, device, load: bool) -> "PixelTokenizer":
+        return cls(settings["vae_embed_dim"])
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens.clamp(-1, 1)
+
+
+TOKENIZERS = {
+    "vae": VAETokenizer,
+    "pixel": PixelTokenizer,
+}
+
+
+def build_tokenizer(settings: Mapping, device, load: bool = True):
+    """The tokenizer `settings["tokenizer"]` names, from the flags it reads (vae_path,
+    vae_embed_dim, vae_precision), checked against --use_cached and, when it will encode or
+    decode (`load`), against --vae_stride. (Training on a cache alone only needs the cache's
+    shape to match the flags, which the loader checks.)"""
+    name = settings["tokenizer"]
+    tokenizer = TOKENIZERS[name].from_settings(settings, device, load)
+    if load and settings["vae_stride"] != tokenizer.stride:
+        raise ValueError(f"--tokenizer {name} has stride {tokenizer.stride}: pass --vae_stride "
+                         f"{tokenizer.stride}, not {settings['vae_stride']}")
+    if settings.get("use_cached") and not tokenizer.cacheable:
+        raise ValueError(f"--tokenizer {name} has nothing to cache: drop --use_cached")
+    return tokenizer

@@ -1,0 +1,197 @@
+"""Building what the entry points run, from their flags: the model, the tokenizer, the data,
+the training state and the metrics. `main_ear.py`, `sample_ear.py` and `benchmarks/` import
+from here; no entry script imports another.
+
+Every builder reads a settings mapping or an `argparse.Namespace` of the training flags.
+`settings_from_checkpoint` makes one from a checkpoint's saved `args` (ours or the reference's).
+"""
+import argparse
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from models.ear import EAR, named_sizes
+from models.tokenizer import build_tokenizer
+from util.args import check_positive, network_settings, train_parser
+from util.distributed import DistInfo
+from util.optim import EMA, param_groups
+from util.precision import resolve_precision
+
+
+# ----- settings ---------------------------------------------------------------------------------
+
+def fill_named_sizes(args: argparse.Namespace) -> None:
+    """Size settings left unset (None) take the named model's, so the saved args are concrete."""
+    for name, value in named_sizes(args.model, args.head).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+
+
+def settings_from_checkpoint(saved: Mapping = None) -> argparse.Namespace:
+    """The training flags a checkpoint was made with: its saved `args` over today's defaults
+    (a reference checkpoint has no `head` or `tokenizer`: the defaults are its)."""
+    args = train_parser().parse_args([])
+    vars(args).update(saved or {})
+    fill_named_sizes(args)
+    return args
+
+
+def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
+    """Fill in derived values (so the saved `args` are concrete) and reject bad settings, each
+    with the flag named, before anything is built."""
+    check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
+                   "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter",
+                   "infer_temperature")
+    if not 0.0 <= args.ema_rate < 1.0:
+        raise SystemExit(f"error: --ema_rate must be in [0, 1), got {args.ema_rate}")
+    for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs", "cfg"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"error: --{name} must be a finite number >= 0, got {value}")
+    if (args.evaluate or args.online_eval) and args.num_images % args.class_num:
+        raise SystemExit(f"error: --num_images {args.num_images} must be a multiple of "
+                         f"--class_num {args.class_num} (the same number of images per class)")
+    fill_named_sizes(args)
+    args.world_size = info.world_size
+    if args.lr is None:  # linear scaling rule on the global batch
+        args.lr = args.blr * args.batch_size * info.world_size * args.accumulation_steps / 256
+    if args.log_dir is None:
+        args.log_dir = args.output_dir
+    if args.img_size % (args.vae_stride * args.patch_size):
+        raise SystemExit(f"error: --img_size {args.img_size} must be divisible by --vae_stride "
+                         f"* --patch_size = {args.vae_stride * args.patch_size}")
+    seq_len = (args.img_size // (args.vae_stride * args.patch_size)) ** 2
+    if (args.evaluate or args.online_eval) and args.num_iter > seq_len:
+        raise SystemExit(f"error: --num_iter {args.num_iter} is more than the {seq_len} tokens "
+                         "of an image: at most one step per token")
+
+
+# ----- model and tokenizer ----------------------------------------------------------------------
+
+def build_model(settings) -> EAR:
+    """EAR with the head `settings.head`, from the settings that reach their constructors."""
+    settings = vars(settings) if isinstance(settings, argparse.Namespace) else settings
+    head = settings["head"]
+    try:
+        return EAR(head=head, **{n: settings[n] for n in network_settings(head)})
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+def make_tokenizer(settings, device, load: bool = True):
+    """The tokenizer the flags name (models/tokenizer.py), bad combinations as a clear exit."""
+    settings = vars(settings) if isinstance(settings, argparse.Namespace) else settings
+    try:
+        return build_tokenizer(settings, device, load)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from e
+
+
+# ----- data -------------------------------------------------------------------------------------
+
+def build_dataset(args, tokenizer):
+    """The digits, cached moments (--use_cached) or images, checked against the tokenizer and
+    --class_num. The datasets' `channels` are those of their images."""
+    from torchvision.datasets import ImageFolder
+
+    from util.loader import CachedFolder, image_transform, load_rgb, train_folder
+    if args.dataset == "digits":
+        from util.digits import DigitsDataset
+        dataset, source = DigitsDataset(), "--dataset digits"
+        if args.img_size != dataset.side or args.use_cached:
+            raise SystemExit(f"error: --dataset digits has {dataset.side}x{dataset.side} images "
+                             f"and no cache: pass --img_size {dataset.side} and no --use_cached")
+    elif args.use_cached:
+        if not args.cached_path:
+            raise SystemExit("error: --use_cached needs --cached_path (the main_cache.py output)")
+        side = args.img_size // args.vae_stride
+        dataset = CachedFolder(args.cached_path, expected_shape=tokenizer.cache_shape(side))
+        dataset[0]  # fail now, not mid-epoch, if the cache does not match the flags
+        source = f"--cached_path {args.cached_path}"
+    else:
+        folder = train_folder(args.data_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--data_path {args.data_path}: expected training images in "
+                                    f"{folder}/<class>/<image>")
+        dataset = ImageFolder(folder, image_transform(args.img_size, random_flip=True), loader=load_rgb)
+        dataset.channels = 3  # load_rgb gives RGB
+        source = f"--data_path {args.data_path}"
+    if not args.use_cached and dataset.channels != tokenizer.image_channels:
+        raise SystemExit(f"error: {source} has {dataset.channels}-channel images but --tokenizer "
+                         f"{args.tokenizer} takes {tokenizer.image_channels}: with the pixel "
+                         f"tokenizer pass --vae_embed_dim {dataset.channels}")
+    if len(dataset.classes) != args.class_num:
+        raise SystemExit(f"error: {source} has {len(dataset.classes)} class folders but --class_num "
+                         f"is {args.class_num}")
+    return dataset
+
+
+def build_loader(dataset, args, info: DistInfo) -> DataLoader:
+    # A distributed sampler even in one process: shuffling then depends only on (seed, epoch).
+    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
+                                 shuffle=True, drop_last=True, seed=args.seed)
+    # Workers are started anew each epoch (not persistent), their seeds drawn from `generator`,
+    # which training reseeds per epoch from (seed, rank, epoch): worker w of an epoch draws the
+    # same flips whether the run was resumed or not.
+    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
+                        num_workers=args.num_workers, drop_last=True, generator=torch.Generator(),
+                        pin_memory=args.pin_mem and info.device.type == "cuda")
+    if len(loader) < args.accumulation_steps:
+        raise SystemExit(f"error: {len(dataset)} samples give {len(loader)} batches of "
+                         f"{args.batch_size} per process, fewer than --accumulation_steps "
+                         f"{args.accumulation_steps}")
+    return loader
+
+
+# ----- training state and metrics ---------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Everything an optimizer step touches.
+
+    model: the bare EAR (state dicts, EMA, sampling); train_model: what the forward pass runs
+    through (the same model, or DDP around it); ddp: the DDP wrapper, if any.
+    """
+    model: nn.Module
+    train_model: nn.Module
+    ddp: nn.Module
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    precision: str
+    device: torch.device
+
+
+def build_train_state(model: EAR, args, info: DistInfo) -> TrainState:
+    precision = resolve_precision(args.precision, info.device)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.score_lrscale),
+                                  lr=args.lr, betas=(0.9, 0.95))
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+    if args.compile:
+        # Compile the parts with stable shapes: the Transformer always sees (B, buffer + L, width);
+        # the head's row count follows the mask ratio, so the head compiles for dynamic shapes.
+        model.forward_transformer = torch.compile(model.forward_transformer)
+        model.head.compile_for_training()
+    ddp, train_model = None, model
+    if info.distributed:
+        # DDP's constructor broadcasts rank 0's weights to every rank ...
+        ddp = DistributedDataParallel(
+            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        train_model = ddp
+    ema = EMA(model, args.ema_rate)  # ... so the EMA, copied after it, is the same everywhere
+    return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
+
+
+def build_metrics(args, info: DistInfo):
+    """What `evaluate` scores samples with: a digit classifier, or FID/IS with Inception."""
+    if args.dataset == "digits":
+        from util.digits import DigitMetrics
+        return DigitMetrics(args.output_dir)
+    from util.fid import InceptionMetrics
+    return InceptionMetrics(args.fid_stats, args.inception_weights, info.device)
+
