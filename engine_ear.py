@@ -14,7 +14,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from util.distributed import all_gather_objects, barrier
-from util.images import save_grid, save_png, to_uint8
+from util.images import save_grid, save_png, to_uint8, write_adm_npz
+from models.heads import HEADS
 from util.builders import TrainState
 from util.optim import lr_at, set_lr
 from util.precision import autocast, resolve_precision
@@ -36,6 +37,10 @@ class TokenBatches:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+class MetricsUnavailable(RuntimeError):
+    """Something the metrics need (statistics, weights, reference batch) is missing."""
 
 
 def all_ranks_finite(*values: torch.Tensor) -> list:
@@ -141,13 +146,14 @@ def balanced_labels(num_images: int, class_num: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model, decode, labels: torch.Tensor, cfg: float, args, device) -> torch.Tensor:
+def generate(model, decode, labels: torch.Tensor, cfg: float, temperature: float, args,
+             device) -> torch.Tensor:
     """Images in [-1, 1] (B, C, H, W) for the given labels, decoded from sampled latents, in
     the precision --precision gives (the same for --evaluate, online evaluation and sample_ear)."""
     with autocast(device, resolve_precision(args.precision, device)):
         latents = model.sample_tokens(len(labels), num_iter=args.num_iter, cfg=cfg,
                                       cfg_schedule=args.cfg_schedule, labels=labels.to(device),
-                                      infer_temperature=args.infer_temperature)
+                                      infer_temperature=temperature)
         return decode(latents.float())
 
 
@@ -158,13 +164,20 @@ def rank_share(num_images: int, class_num: int, rank: int, world_size: int) -> t
     return index, balanced_labels(num_images, class_num)[index]
 
 
-def samples_name(args, cfg: float) -> str:
-    return (f"ariter{args.num_iter}-temp{args.infer_temperature}-{args.cfg_schedule}cfg{cfg}"
+def head_sampling_settings(args) -> dict:
+    """The head's settings that change its samples (the diffusion head's num_sampling_steps)."""
+    return {name: getattr(args, name) for name in getattr(HEADS[args.head], "SAMPLING", ())}
+
+
+def samples_name(args, cfg: float, temperature: float) -> str:
+    head = "".join(f"-{name}{value}" for name, value in head_sampling_settings(args).items())
+    return (f"ariter{args.num_iter}{head}-temp{temperature}-{args.cfg_schedule}cfg{cfg}"
             f"-image{args.num_images}")
 
 
-# Metric names logged to TensorBoard and printed (ImageNet: fid, is; digits: accuracy, frechet).
-SCORES = ("fid", "is", "accuracy", "frechet")
+# Metric names logged to TensorBoard and printed (ImageNet: fid, is, precision, recall,
+# fd_dinov2; digits: accuracy, frechet).
+SCORES = ("fid", "is", "precision", "recall", "fd_dinov2", "accuracy", "frechet")
 
 
 def grid_indices(num_images: int, class_num: int, rows: int = 10, cols: int = 10) -> list:
@@ -184,37 +197,30 @@ def check_metric_inputs(metrics, info) -> None:
             error = f"{type(e).__name__}: {e}"
     error = all_gather_objects(error)[0]
     if error is not None:
-        raise RuntimeError(f"cannot measure the samples: {error}")
+        raise MetricsUnavailable(f"cannot measure the samples: {error}")
 
 
 @torch.no_grad()
-def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, batch_size: int,
-             log_writer=None) -> dict:
-    """Generate args.num_images images with `model` as it is (the caller puts the EMA weights
-    in) across ranks (index i written once, as <i>.png, by rank i % world_size), save a grid
-    (a row per class), and measure them on rank 0 with `metrics` (FID/IS for ImageNet,
-    classifier scores for the digits).
-
-    Appends one JSON line to <output_dir>/eval_results.jsonl; returns the result on rank 0.
-    """
+def generate_share(model, decode, folder: Path, cfg: float, temperature: float, batch_size: int,
+                   args, info) -> float:
+    """This rank's images (index i written once, as <i>.png, by rank i % world_size), with
+    `model` as it is; returns seconds per image, measured after the first batch (which includes
+    warm-up: allocation, compilation) or, with a single batch, that batch."""
     mine, labels = rank_share(args.num_images, args.class_num, info.rank, info.world_size)
-    check_metric_inputs(metrics, info)
-    name = samples_name(args, cfg)
-    folder = Path(args.output_dir) / f"samples-{name}"
-    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed + info.rank)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    timed_images, timed_seconds, first_batch = 0, 0.0, (1, 0.0)
     try:
-        timed_images, timed_seconds, first_batch = 0, 0.0, (0, 0.0)
-        bar = tqdm(total=len(mine), unit="img", desc=f"sampling cfg {cfg}", disable=not info.is_main)
+        bar = tqdm(total=len(mine), unit="img", desc=f"sampling cfg {cfg}, temperature {temperature}",
+                   disable=not info.is_main)
         for first in range(0, len(mine), batch_size):
             index = mine[first:first + batch_size]
             start = time.perf_counter()
             images = to_uint8(generate(model, decode, labels[first:first + batch_size], cfg,
-                                       args, device))
-            if first == 0:  # the first batch includes warm-up (allocation, compilation)
+                                       temperature, args, device))
+            if first == 0:
                 first_batch = (len(index), time.perf_counter() - start)
             else:
                 timed_images += len(index)
@@ -225,33 +231,59 @@ def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, batch_s
         bar.close()
     finally:
         model.train(was_training)
+    return timed_seconds / timed_images if timed_images else first_batch[1] / first_batch[0]
+
+
+def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, temperature: float,
+             batch_size: int, log_writer=None) -> dict:
+    """Generate args.num_images images with `model` as it is (the caller puts the EMA weights
+    in) across ranks, then on rank 0: a grid (a row per class), the measurement by `metrics`
+    (FID/IS/precision/recall for ImageNet, classifier scores for the digits), with --save_npz
+    the images as one ADM-format .npz, and one JSON line in <output_dir>/eval_results.jsonl.
+
+    Returns the result on rank 0 (None elsewhere).
+    """
+    check_metric_inputs(metrics, info)
+    name = samples_name(args, cfg, temperature)
+    folder = Path(args.output_dir) / f"samples-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    seconds = generate_share(model, decode, folder, cfg, temperature, batch_size, args, info)
     barrier()
     result = None
     if info.is_main:
-        grid = np.stack([np.asarray(Image.open(folder / f"{i:05d}.png"))
-                         for i in grid_indices(args.num_images, args.class_num)])
-        grid = grid[..., None] if grid.ndim == 3 else grid
-        grid_path = save_grid(grid, min(10, args.num_images // args.class_num),
-                              Path(args.output_dir) / f"grid-{name}.png")
-        all_labels = balanced_labels(args.num_images, args.class_num).numpy()
-        measured = metrics.measure(folder, all_labels, name)
-        # Measured after the first batch; with a single batch, that batch (warm-up included).
-        seconds = timed_seconds / timed_images if timed_images else first_batch[1] / first_batch[0]
-        result = {"epoch": epoch, "model": args.model, "cfg": cfg, "cfg_schedule": args.cfg_schedule,
-                  "num_iter": args.num_iter, "infer_temperature": args.infer_temperature,
-                  **measured, "seconds_per_image": seconds,
-                  "seconds_include_warmup": not timed_images, "grid": str(grid_path)}
-        scores = {k: v for k, v in measured.items() if k in SCORES}
-        print(f"epoch {epoch}, cfg {cfg}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-              + f" over {measured['num_images']} images; {seconds:.4f} s/image per device; "
-              f"grid {grid_path}")
-        with open(Path(args.output_dir) / "eval_results.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        if log_writer is not None:
-            suffix = "_ema" + (f"_cfg{cfg}" if cfg != 1.0 else "")
-            for key, value in scores.items():
-                log_writer.add_scalar(f"{key}{suffix}", value, epoch)
+        result = measure_samples(folder, name, metrics, args, epoch, seconds, log_writer,
+                                 {"cfg": cfg, "infer_temperature": temperature})
         if not args.keep_samples:
             shutil.rmtree(folder)
     barrier()
+    return result
+
+
+def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds: float,
+                    log_writer, point: dict) -> dict:
+    """Rank 0's part of `evaluate`: grid, metrics, ADM export, JSON line, TensorBoard."""
+    out = Path(args.output_dir)
+    grid = np.stack([np.asarray(Image.open(folder / f"{i:05d}.png"))
+                     for i in grid_indices(args.num_images, args.class_num)])
+    grid = grid[..., None] if grid.ndim == 3 else grid
+    grid_path = save_grid(grid, min(10, args.num_images // args.class_num), out / f"grid-{name}.png")
+    measured = metrics.measure(folder, balanced_labels(args.num_images, args.class_num).numpy(), name)
+    result = {"epoch": epoch, "model": args.model, "head": args.head,
+              **head_sampling_settings(args), **point, "cfg_schedule": args.cfg_schedule,
+              "num_iter": args.num_iter, **measured, "seconds_per_image": seconds,
+              "grid": str(grid_path)}
+    if args.save_npz:
+        result["npz"] = str(write_adm_npz(folder, args.num_images, out / f"samples-{name}"))
+    scores = {k: v for k, v in measured.items() if k in SCORES}
+    print(f"epoch {epoch}, cfg {point['cfg']}, temperature {point['infer_temperature']}: "
+          + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+          + f" over {measured['num_images']} images; {seconds:.4f} s/image per device; grid {grid_path}")
+    with open(out / "eval_results.jsonl", "a") as f:
+        f.write(json.dumps(result) + "\n")
+    if log_writer is not None:
+        suffix = "_ema" + (f"_cfg{point['cfg']}" if point["cfg"] != 1.0 else "")
+        if len(args.infer_temperature) > 1:
+            suffix += f"_temp{point['infer_temperature']}"
+        for key, value in scores.items():
+            log_writer.add_scalar(f"{key}{suffix}", value, epoch)
     return result

@@ -16,17 +16,18 @@ from pathlib import Path
 
 import torch
 
-from engine_ear import (NonFiniteLoss, TokenBatches, all_ranks_finite, check_metric_inputs,
-                        evaluate, train_one_epoch)
+from engine_ear import (MetricsUnavailable, NonFiniteLoss, TokenBatches, all_ranks_finite,
+                        check_metric_inputs, evaluate, train_one_epoch)
 from util.args import architecture_flags, train_parser
 from util.builders import (TrainState, build_dataset, build_loader, build_metrics, build_model,
                            build_train_state, make_tokenizer, resolve_args)
-from util.checkpoint import (CHECKPOINT_NAME, load_sampling_weights, open_checkpoint,
-                             save_training_checkpoint)
+from util.checkpoint import CHECKPOINT_NAME, open_checkpoint, save_training_checkpoint
 from util.distributed import (DistInfo, ReplicasDiffer, check_replicas_in_sync, cleanup,
                               init_distributed)
 from util.fileio import atomic_write
 from util.optim import EMA, load_optimizer_state
+from util.pretrained import load_sampling_weights
+from util.sweep import write_sweep
 from util.weights import check_state_dict, load_state_dict_strict
 
 
@@ -67,16 +68,26 @@ def forget_logged_epochs_after(log: Path, epoch: int) -> None:
         atomic_write(log, lambda f: f.write("".join(kept).encode()))
 
 
-def online_evaluation(state, decode, metrics, args, info, epoch: int, log_writer) -> list:
-    """As the reference: without guidance, then with --cfg at half the sampling batch; both
-    with the EMA weights, the raw ones back in the model afterwards."""
-    with state.ema.applied() as model:
-        results = [evaluate(model, decode, metrics, args, info, epoch, 1.0, args.eval_bsz,
-                            log_writer)]
-        if args.cfg not in (0.0, 1.0):
-            results.append(evaluate(model, decode, metrics, args, info, epoch, args.cfg,
-                                    max(args.eval_bsz // 2, 1), log_writer))
+def sweep(model, decode, metrics, args, info, epoch: int, points, log_writer=None) -> list:
+    """Evaluate every (cfg, temperature) point with the model as it is; guided points at half
+    the sampling batch, as the reference (the batch is doubled inside). Rank 0 gets the results."""
+    results = []
+    for cfg, temperature in points:
+        batch = args.eval_bsz if cfg == 1.0 else max(args.eval_bsz // 2, 1)
+        results.append(evaluate(model, decode, metrics, args, info, epoch, cfg, temperature,
+                                batch, log_writer))
+    if info.is_main and len(results) > 1:
+        write_sweep(results, metrics.sweep_axes, Path(args.output_dir) / f"sweep-epoch{epoch}")
     return results
+
+
+def online_evaluation(state, decode, metrics, args, info, epoch: int, log_writer) -> list:
+    """As the reference: without guidance, then with --cfg (each value of the list; at each
+    --infer_temperature); with the EMA weights, the raw ones back in the model afterwards."""
+    guided = [c for c in args.cfg if c not in (0.0, 1.0)]
+    points = [(cfg, t) for t in args.infer_temperature for cfg in [1.0, *guided]]
+    with state.ema.applied() as model:
+        return sweep(model, decode, metrics, args, info, epoch, points, log_writer)
 
 
 def save_checkpoint(state: TrainState, epoch: int, args, info: DistInfo) -> None:
@@ -151,14 +162,16 @@ def train(state: TrainState, loader, to_tokens, decode, metrics, start_epoch: in
 
 
 def evaluate_checkpoint(model, tokenizer, metrics, args, info: DistInfo) -> None:
-    """--evaluate: the checkpoint's EMA weights only (no optimizer, no loss scaler)."""
+    """--evaluate: the EMA weights of a training checkpoint (no optimizer, no loss scaler), an
+    exported folder or a Hub repo, at every (cfg, temperature) of the lists, loaded once."""
     try:
-        epoch = load_sampling_weights(model, args.resume, args, architecture_flags(args.head))
+        epoch = load_sampling_weights(model, args.resume, args, args.revision)
     except FileNotFoundError as e:
-        raise SystemExit(f"error: --evaluate needs a checkpoint: {e}") from None
+        raise SystemExit(f"error: --evaluate needs a checkpoint (or exported weights): {e}") from None
     if info.is_main:
-        print(f"evaluating the EMA weights of {Path(args.resume) / CHECKPOINT_NAME} (epoch {epoch})")
-    evaluate(model, tokenizer.decode, metrics, args, info, epoch, args.cfg, args.eval_bsz)
+        print(f"evaluating the EMA weights of {args.resume} (epoch {epoch})")
+    points = [(cfg, t) for t in args.infer_temperature for cfg in args.cfg]
+    sweep(model, tokenizer.decode, metrics, args, info, epoch, points)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -172,7 +185,10 @@ def main(args: argparse.Namespace) -> None:
     tokenizer = make_tokenizer(args, info.device, load=sampling or not args.use_cached)
     metrics = build_metrics(args, info)
     if args.evaluate:
-        evaluate_checkpoint(model, tokenizer, metrics, args, info)
+        try:
+            evaluate_checkpoint(model, tokenizer, metrics, args, info)
+        except MetricsUnavailable as e:
+            raise SystemExit(f"[rank {info.rank}] error: {e}") from None
         cleanup()
         return
     loader = build_loader(build_dataset(args, tokenizer), args, info)
@@ -185,7 +201,10 @@ def main(args: argparse.Namespace) -> None:
         cleanup()
         return
     if args.online_eval:  # statistics, Inception weights: fail now, not after eval_freq epochs
-        check_metric_inputs(metrics, info)
+        try:
+            check_metric_inputs(metrics, info)
+        except MetricsUnavailable as e:
+            raise SystemExit(f"[rank {info.rank}] error: {e}") from None
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{args.model} with the {args.head} head: {n_params:.2f}M parameters; "

@@ -4,8 +4,10 @@
         --samples_per_class 8 --cfg 3.0 --infer_temperature 0.7 --num_iter 64 --out samples.png
 
 The network (size, head, tokenizer) comes from the checkpoint's saved arguments; it loads the
-EMA weights (--no_ema: the raw ones). Network flags given anyway (e.g. --model) are checked
-against the checkpoint, training flags (e.g. from @configs/digits_quickstart.args) are ignored.
+EMA weights (--no_ema: the raw ones). Network flags given anyway are checked against the
+checkpoint when they shape the weights (e.g. --model) and used otherwise (e.g. the diffusion
+head's --num_sampling_steps); training flags (e.g. from @configs/digits_quickstart.args) are
+ignored.
 --save_individual DIR also writes every image.
 """
 import argparse
@@ -15,9 +17,10 @@ import torch
 
 from engine_ear import generate
 from util.args import (ArgsFileParser, add_device_args, add_precision_arg, add_sampling_args,
-                       architecture_flags, explicit_flags, train_parser)
+                       architecture_flags, explicit_flags, network_settings, train_parser)
 from util.builders import build_model, make_tokenizer, settings_from_checkpoint
-from util.checkpoint import CHECKPOINT_NAME, check_same_config, load_training_checkpoint
+from util import pretrained
+from util.checkpoint import check_same_config
 from util.images import save_grid, save_png, to_uint8
 from util.weights import load_state_dict_strict
 
@@ -25,7 +28,10 @@ from util.weights import load_state_dict_strict
 def parser() -> ArgsFileParser:
     p = ArgsFileParser(description=__doc__.split("\n")[0])
     g = p.add_argument_group("checkpoint")
-    g.add_argument("--resume", required=True, help="folder holding checkpoint-last.pth")
+    g.add_argument("--resume", required=True,
+                   help="a folder with checkpoint-last.pth, an exported folder (model.safetensors "
+                        "+ config.json, export_ear.py) or a Hugging Face Hub repo id (user/name)")
+    g.add_argument("--revision", default=None, help="with a Hub repo id: branch, tag or commit")
     g.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     g.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt",
                    help="KL-16 VAE weights, for a checkpoint trained on VAE latents")
@@ -54,26 +60,28 @@ def parse_args(argv=None) -> tuple:
 
 
 def load_checkpoint(args, given: dict) -> tuple:
-    """(model with the checkpoint's weights, its training settings, epoch)."""
-    path = Path(args.resume) / CHECKPOINT_NAME
-    if not path.is_file():
-        raise SystemExit(f"error: no {CHECKPOINT_NAME} in --resume {args.resume}")
-    ckpt = load_training_checkpoint(path)
-    settings = settings_from_checkpoint(ckpt.get("args"))
-    network = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
+    """(model with the weights of --resume, its training settings, epoch)."""
     try:
-        check_same_config(ckpt.get("args"), argparse.Namespace(**network), network, path)
+        saved, state, epoch, source = pretrained.read(args.resume, args.revision, not args.no_ema)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: {e}") from None
+    settings = settings_from_checkpoint(saved)
+    shaping = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
+    try:
+        check_same_config(saved, argparse.Namespace(**shaping), shaping, source)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    ignored = sorted(set(given) - set(network))
+    # Other settings of the network may change, e.g. the diffusion head's --num_sampling_steps.
+    overrides = {n: v for n, v in given.items() if n in network_settings(settings.head)
+                 and n not in shaping}
+    ignored = sorted(set(given) - set(shaping) - set(overrides))
     if ignored:
         print(f"note: ignoring training flags {', '.join('--' + n for n in ignored)}: the network "
-              f"comes from {path}")
-    vars(settings).update(network)  # a checkpoint without saved args: the flags say
+              f"comes from {source}")
+    vars(settings).update({**shaping, **overrides})
     model = build_model(settings)
-    key = "model" if args.no_ema or "model_ema" not in ckpt else "model_ema"
-    load_state_dict_strict(model, ckpt[key], f"{path} [{key}]")
-    return model, settings, ckpt["epoch"]
+    load_state_dict_strict(model, state, source)
+    return model, settings, epoch
 
 
 def main(args, given: dict) -> None:
@@ -87,7 +95,8 @@ def main(args, given: dict) -> None:
     tokenizer = make_tokenizer({**vars(settings), "vae_path": args.vae_path, "use_cached": False},
                                device)
     labels = torch.tensor(args.class_ids).repeat_interleave(args.samples_per_class)
-    images = torch.cat([generate(model, tokenizer.decode, chunk, args.cfg, args, device)
+    images = torch.cat([generate(model, tokenizer.decode, chunk, args.cfg, args.infer_temperature,
+                                 args, device)
                         for chunk in labels.split(args.eval_bsz)])
     images = to_uint8(images)
     grid = save_grid(images, args.samples_per_class, args.out)

@@ -9,6 +9,8 @@ from typing import ClassVar, Protocol
 
 import torch
 
+from models.diffloss import DiffLoss
+from models.gmmloss import GMMLoss
 from models.scoreloss import ScoreLoss
 
 
@@ -25,6 +27,8 @@ class Head(Protocol):
             settings that are command-line flags; defaults come from the constructor's signature
             unless the entry gives the flag its own.
         SIZES: {named model size: {setting: value}}, the head's size for each named model.
+        SAMPLING (optional): settings that change its samples; evaluation names them in the
+            sample folder and the results (the diffusion head: num_sampling_steps).
     """
     attribute: ClassVar[str]
     own_optimizer_group: ClassVar[bool]
@@ -47,4 +51,6 @@ class Head(Protocol):
 
 HEADS = {
     "energy": ScoreLoss,     # the paper's: energy score, one generator call per token
+    "diffusion": DiffLoss,   # MAR: denoising score, a DDPM chain per token
+    "gmm": GMMLoss,          # GIVT: log score of a Gaussian mixture
 }

@@ -33,7 +33,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
-def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, random_vae_ckpt):
+def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, random_vae_ckpt, capsys):
     cache = tmp_path / "cache"
     proc = run_script("main_cache.py", cache_args(image_folder, cache, random_vae_ckpt), nproc=2)
     images = all_images(image_folder)
@@ -53,11 +53,15 @@ def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, ra
         np.testing.assert_allclose(arrays["moments_flip"], flipped, atol=1e-4, rtol=1e-4)
         assert not np.allclose(arrays["moments"], arrays["moments_flip"])
 
-    # A rerun skips everything; --overwrite redoes everything.
-    again = run_script("main_cache.py", cache_args(image_folder, cache, random_vae_ckpt), nproc=2)
-    assert f'"written": 0, "skipped": {len(images)}' in again.stdout
-    redo = run_script("main_cache.py", cache_args(image_folder, cache, random_vae_ckpt, "--overwrite"))
-    assert f'"written": {len(images)}, "skipped": 0' in redo.stdout
+    # A rerun skips everything; --overwrite redoes everything (in this process: no start-up).
+    import main_cache
+    from util.args import cache_parser
+    for extra, expected in (([], f'"written": 0, "skipped": {len(images)}'),
+                            (["--overwrite"], f'"written": {len(images)}, "skipped": 0')):
+        capsys.readouterr()
+        main_cache.main(cache_parser().parse_args(
+            [str(a) for a in cache_args(image_folder, cache, random_vae_ckpt, *extra)]))
+        assert expected in capsys.readouterr().out
 
 
 def test_killed_job_resumes_without_corrupt_or_missing_files(tmp_path, random_vae_ckpt):
@@ -85,23 +89,25 @@ def test_killed_job_resumes_without_corrupt_or_missing_files(tmp_path, random_va
     assert list(cache.rglob("*.tmp")) == []
 
 
-def test_unreadable_image_stops_or_is_skipped(tmp_path, random_vae_ckpt):
+def test_unreadable_image_stops_or_is_skipped(tmp_path, random_vae_ckpt, capsys):
+    import main_cache
+    from util.args import cache_parser
+    run = lambda *extra: main_cache.main(cache_parser().parse_args(
+        [str(a) for a in cache_args(data, cache, random_vae_ckpt, *extra)]))
     data = tmp_path / "images"
     make_image_folder(data / "train", per_class=2)
     (data / "train" / "dog" / "broken.JPEG").write_bytes(b"not an image")
     cache = tmp_path / "cache"
-    proc = run_script("main_cache.py", cache_args(data, cache, random_vae_ckpt), check=False)
-    assert proc.returncode != 0
-    assert "broken.JPEG" in proc.stderr and "--skip_bad" in proc.stderr
-
-    proc = run_script("main_cache.py", cache_args(data, cache, random_vae_ckpt, "--skip_bad"))
-    assert '"failed": 1' in proc.stdout
+    with pytest.raises(RuntimeError, match="broken.JPEG.*--skip_bad"):
+        run()
+    run("--skip_bad")
+    assert '"failed": 1' in capsys.readouterr().out
     assert (cache / "failed_images.txt").read_text().startswith("dog/broken.JPEG\t")
     assert len(list(cache.glob("*/*.npz"))) == 6
     # Once the image is fixed, a clean rerun leaves no stale list naming it.
     (data / "train" / "dog" / "broken.JPEG").unlink()
-    proc = run_script("main_cache.py", cache_args(data, cache, random_vae_ckpt, "--skip_bad"))
-    assert '"failed": 0' in proc.stdout and not (cache / "failed_images.txt").exists()
+    run("--skip_bad")
+    assert '"failed": 0' in capsys.readouterr().out and not (cache / "failed_images.txt").exists()
 
 
 def test_cached_and_image_loaders_agree_on_classes(image_folder, tmp_path):

@@ -68,7 +68,7 @@ def test_frechet_distance_on_known_answers(classifier):
 
 def test_quick_start_config_is_the_real_pipeline_shortened(tmp_path):
     config = REPO / "configs" / "digits_quickstart.args"
-    proc = run_script("main_ear.py", [f"@{config}", "--epochs", 2, "--num_images", 100,
+    proc = run_script("main_ear.py", [f"@{config}", "--epochs", 1, "--num_images", 100,
                                       "--eval_bsz", 50, "--num_iter", 4, "--output_dir", tmp_path,
                                       "--log_dir", tmp_path])
     assert "== report ==" in proc.stdout
@@ -81,5 +81,9 @@ def test_quick_start_config_is_the_real_pipeline_shortened(tmp_path):
         samples = np.load(tmp_path / f"samples-ariter4-temp1.0-linearcfg{r['cfg']}-image100.npz")
         assert samples["images"].shape == (100, 8, 8) and samples["images"].dtype == np.uint8
         assert np.bincount(samples["labels"]).tolist() == [10] * 10
+    # Two evaluation points (cfg 1.0 and 2.0): a sweep table and plot (accuracy vs Frechet).
+    table = (tmp_path / "sweep-epoch0.md").read_text().splitlines()
+    assert table[0].startswith("| cfg | temperature | accuracy | frechet |") and len(table) == 4
+    assert (tmp_path / "sweep-epoch0.png").stat().st_size > 1000
     ceiling = metrics["results"][0]["ceiling"]
     assert ceiling["accuracy"] > 0.93 and 0 <= ceiling["frechet"] < 5

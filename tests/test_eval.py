@@ -142,12 +142,16 @@ def test_evaluate_writes_each_image_once_and_measures(trained, random_vae_ckpt, 
     out = tmp_path / "eval"
     out.mkdir()
     (out / "checkpoint-last.pth").symlink_to(ckpt_dir / "checkpoint-last.pth")
+    keep = nproc == 2  # one process: the PNG folder is removed, as by default
     proc = run_script("main_ear.py", eval_args(out, stats, random_vae_ckpt, inception_weights,
-                                               "--keep_samples"), nproc=nproc)
+                                               *(["--keep_samples"] if keep else [])), nproc=nproc)
     folder = out / "samples-ariter4-temp0.7-linearcfg2.0-image10"
-    names = sorted(p.name for p in folder.iterdir())
-    assert names == [f"{i:05d}.png" for i in range(10)]
-    assert np.asarray(Image.open(folder / "00007.png")).shape == (32, 32, 3)
+    if keep:
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == [f"{i:05d}.png" for i in range(10)]
+        assert np.asarray(Image.open(folder / "00007.png")).shape == (32, 32, 3)
+    else:
+        assert not list(out.glob("samples-*"))
     lines = (out / "eval_results.jsonl").read_text().splitlines()
     assert len(lines) == 1
     result = json.loads(lines[0])
@@ -157,20 +161,16 @@ def test_evaluate_writes_each_image_once_and_measures(trained, random_vae_ckpt, 
     assert np.isfinite(result["is"]) and result["is"] >= 1.0 - 1e-9
     assert result["seconds_per_image"] > 0
     assert proc.stdout.count("evaluating the EMA weights of") == 1  # rank 0 alone prints
-    assert "cfg 2.0: fid " in proc.stdout
+    assert "cfg 2.0, temperature 0.7: fid " in proc.stdout
     grid = np.asarray(Image.open(result["grid"]))
     assert grid.shape == (2 * 34 + 2, 5 * 34 + 2, 3)  # 2 classes x 5 images, 2-pixel padding
 
 
-def test_evaluate_removes_samples_by_default(trained, random_vae_ckpt, inception_weights, tmp_path):
-    ckpt_dir, stats = trained
-    (tmp_path / "checkpoint-last.pth").symlink_to(ckpt_dir / "checkpoint-last.pth")
-    run_script("main_ear.py", eval_args(tmp_path, stats, random_vae_ckpt, inception_weights))
-    assert not list(tmp_path.glob("samples-*"))
-    assert list(tmp_path.glob("grid-*.png"))
-
-
-def test_missing_inputs_fail_before_sampling_with_fetch_commands(trained, random_vae_ckpt, tmp_path):
+def test_missing_inputs_fail_before_sampling_with_fetch_commands(trained, random_vae_ckpt, tmp_path,
+                                                               monkeypatch):
+    import main_ear
+    from util.args import train_parser
+    evaluate = lambda *a: main_ear.main(train_parser().parse_args([str(x) for x in eval_args(*a)]))
     ckpt_dir, stats = trained
     (tmp_path / "checkpoint-last.pth").symlink_to(ckpt_dir / "checkpoint-last.pth")
     # No Inception weights given, none fetched; torch-fidelity's own download cache holds a
@@ -179,17 +179,16 @@ def test_missing_inputs_fail_before_sampling_with_fetch_commands(trained, random
     planted = tmp_path / "torch_home" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
     planted.parent.mkdir(parents=True)
     torch.save(RunsCode(marker), planted)
-    proc = run_script("main_ear.py", eval_args(tmp_path, stats, random_vae_ckpt, ""), check=False,
-                      cwd=tmp_path, env={"TORCH_HOME": str(tmp_path / "torch_home")}, timeout=200)
-    assert proc.returncode != 0
-    assert "python util/download.py --inception" in proc.stderr
+    monkeypatch.chdir(tmp_path)  # no pretrained_models/ here
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    with pytest.raises(SystemExit, match="python util/download.py --inception"):
+        evaluate(tmp_path, stats, random_vae_ckpt, "")
     assert not list(tmp_path.glob("samples-*/*.png"))
     assert not marker.exists()
-    proc = run_script("main_ear.py", eval_args(tmp_path, tmp_path / "none.npz", random_vae_ckpt,
-                                               tmp_path / "w.pth"), check=False)
-    assert proc.returncode != 0 and "python util/download.py --fid_stats" in proc.stderr
-    proc = run_script("main_ear.py", eval_args(tmp_path / "empty", stats, random_vae_ckpt, ""), check=False)
-    assert proc.returncode != 0 and "--evaluate needs a checkpoint" in proc.stderr
+    with pytest.raises(SystemExit, match="python util/download.py --fid_stats"):
+        evaluate(tmp_path, tmp_path / "none.npz", random_vae_ckpt, tmp_path / "w.pth")
+    with pytest.raises(SystemExit, match="--evaluate needs a checkpoint"):
+        evaluate(tmp_path / "empty", stats, random_vae_ckpt, "")
 
 
 class RunsCode:
@@ -244,9 +243,11 @@ def test_online_evaluation_during_training(trained, random_vae_ckpt, inception_w
             "--cfg", 3.0, "--eval_bsz", 4, "--num_images", 4, "--num_iter", 2,
             "--inception_weights", inception_weights]
     # What evaluation needs is checked before the first step, not after --eval_freq epochs.
-    proc = run_script("main_ear.py", [*args, "--fid_stats", tmp_path / "none.npz"], check=False)
-    assert proc.returncode != 0 and "python util/download.py --fid_stats" in proc.stderr
-    assert "epoch 0" not in proc.stdout and not (tmp_path / "checkpoint-last.pth").exists()
+    import main_ear
+    from util.args import train_parser
+    with pytest.raises(SystemExit, match="python util/download.py --fid_stats"):
+        main_ear.main(train_parser().parse_args([str(a) for a in [*args, "--fid_stats", tmp_path / "none.npz"]]))
+    assert not (tmp_path / "checkpoint-last.pth").exists() and not (tmp_path / "log.txt").exists()
     run_script("main_ear.py", [*args, "--fid_stats", stats])
     results = [json.loads(line) for line in (tmp_path / "eval_results.jsonl").read_text().splitlines()]
     # After every second epoch (epoch 1) and after the last (epoch 2), each without guidance and

@@ -120,7 +120,7 @@ def test_no_entry_script_imports_another():
     import ast
 
     from conftest import REPO
-    entry = {"main_ear", "main_cache", "sample_ear"}
+    entry = {"main_ear", "main_cache", "sample_ear", "export_ear"}
     for path in [*REPO.glob("*.py"), *REPO.glob("models/*.py"), *REPO.glob("util/*.py"),
                  *REPO.glob("benchmarks/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):

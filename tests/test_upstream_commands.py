@@ -52,7 +52,8 @@ def test_upstream_command_parses(name):
 
 def test_upstream_values_land_where_expected():
     ft = parse("finetune")
-    assert (ft.train_temperature, ft.infer_temperature, ft.blr, ft.epochs) == (0.99, 0.7, 7e-5, 800)
-    assert (ft.cfg, ft.cfg_schedule, ft.accumulation_steps, ft.online_eval) == (3.0, "linear", 2, True)
+    # --cfg and --infer_temperature take lists (a sweep); one value is a one-element list.
+    assert (ft.train_temperature, ft.infer_temperature, ft.blr, ft.epochs) == (0.99, [0.7], 7e-5, 800)
+    assert (ft.cfg, ft.cfg_schedule, ft.accumulation_steps, ft.online_eval) == ([3.0], "linear", 2, True)
     ev = parse("evaluate")
     assert (ev.evaluate, ev.eval_bsz, ev.num_images, ev.resume) == (True, 128, 50000, "/tmp/OUTPUT_DIR")

@@ -158,3 +158,16 @@ def test_fetch_fid_stats_checks_shapes(tmp_path):
     with pytest.raises(ValueError, match="sha256"):
         download.fetch_fid_stats(tmp_path / "fid" / "x.npz", url=good.as_uri(), expected_sha256="0" * 64)
     assert not (tmp_path / "fid" / "bad.npz").exists()
+
+
+def test_fetch_ref_batch_checks_images_and_statistics(tmp_path):
+    good = tmp_path / "source.npz"
+    np.savez(good, arr_0=np.zeros((3, 8, 8, 3), np.uint8), mu=np.zeros(2048), sigma=np.eye(2048))
+    out = download.fetch_ref_batch(tmp_path / "fid" / "VIRTUAL.npz", url=good.as_uri())
+    with np.load(out) as data:
+        assert data["arr_0"].shape == (3, 8, 8, 3)
+    no_images = tmp_path / "stats_only.npz"
+    np.savez(no_images, mu=np.zeros(2048), sigma=np.eye(2048))
+    with pytest.raises(ValueError, match="no reference images"):
+        download.fetch_ref_batch(tmp_path / "fid" / "bad.npz", url=no_images.as_uri())
+    assert not (tmp_path / "fid" / "bad.npz").exists()

@@ -105,12 +105,25 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no_pin_mem", action="store_false", dest="pin_mem")
 
 
-def add_sampling_args(g) -> None:
+def float_list(text: str) -> list:
+    """`1.5,2.0,2.5` -> [1.5, 2.0, 2.5] (one value: a one-element list)."""
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}")
+
+
+def add_sampling_args(g, sweep: bool = False) -> None:
+    """Sampling flags; with `sweep`, --cfg and --infer_temperature take comma-separated lists."""
+    kind, many = (float_list, " (a list sweeps: 1.5,2.0,3.0)") if sweep else (float, "")
     g.add_argument("--num_iter", type=int, default=64, help="sampling steps")
-    g.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale")
+    g.add_argument("--cfg", type=kind, default=[1.0] if sweep else 1.0,
+                   help=f"classifier-free guidance scale{many}")
     g.add_argument("--cfg_schedule", default="linear", choices=["linear", "constant"])
-    g.add_argument("--infer_temperature", type=float, default=1.0,
-                   help="sampling temperature (energy head: scales the generator's residual shifts)")
+    g.add_argument("--infer_temperature", "--temperature", type=kind,
+                   default=[1.0] if sweep else 1.0,
+                   help=f"sampling temperature (energy head: scales the generator's residual "
+                        f"shifts; diffusion head: its step noise; GMM head: its deviations){many}")
     g.add_argument("--eval_bsz", type=int, default=64, help="images per process and sampling batch")
 
 
@@ -205,11 +218,23 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval_freq", type=int, default=40, help="evaluate every this many epochs")
     g.add_argument("--num_images", type=int, default=50000,
                    help="images to generate, a multiple of --class_num (balanced classes)")
-    add_sampling_args(g)
+    add_sampling_args(g, sweep=True)
     g.add_argument("--fid_stats", default="fid_stats/adm_in256_stats.npz",
                    help="reference mu/sigma .npz (python util/download.py --fid_stats)")
     g.add_argument("--inception_weights", default="",
                    help="torch-fidelity Inception weights file (python util/download.py --inception)")
+    g.add_argument("--precision_recall", action="store_true",
+                   help="also precision and recall (k=3, as ADM's evaluator) against --ref_batch")
+    g.add_argument("--ref_batch", default="fid_stats/VIRTUAL_imagenet256_labeled.npz",
+                   help="ADM's reference batch, real images in `arr_0` (python util/download.py "
+                        "--ref_batch); its features are cached beside it")
+    g.add_argument("--fd_dinov2", action="store_true",
+                   help="also the Frechet distance in DINOv2 features to --ref_batch (torch-fidelity "
+                        "fetches DINOv2 from torch.hub: needs network)")
+    g.add_argument("--revision", default=None,
+                   help="with --evaluate and a Hub repo id in --resume: the branch, tag or commit")
+    g.add_argument("--save_npz", action="store_true",
+                   help="also write the samples as one ADM-format .npz (arr_0 uint8 (N, H, W, 3))")
     g.add_argument("--keep_samples", action="store_true",
                    help="keep the generated PNG folder after measuring FID/IS")
 

@@ -45,14 +45,20 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     """Fill in derived values (so the saved `args` are concrete) and reject bad settings, each
     with the flag named, before anything is built."""
     check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
-                   "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter",
-                   "infer_temperature")
+                   "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter")
     if not 0.0 <= args.ema_rate < 1.0:
         raise SystemExit(f"error: --ema_rate must be in [0, 1), got {args.ema_rate}")
     for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs", "cfg"):
-        value = getattr(args, name)
-        if value is not None and not (math.isfinite(value) and value >= 0):
-            raise SystemExit(f"error: --{name} must be a finite number >= 0, got {value}")
+        values = getattr(args, name)
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise SystemExit(f"error: --{name} must be a finite number >= 0, got {value}")
+    if not args.cfg or not args.infer_temperature or min(args.infer_temperature) <= 0:
+        raise SystemExit(f"error: --cfg and --infer_temperature need values, the temperatures "
+                         f"positive; got {args.cfg} and {args.infer_temperature}")
+    if args.fd_dinov2 and not args.precision_recall:
+        raise SystemExit("error: --fd_dinov2 compares with the images of --ref_batch: pass "
+                         "--precision_recall too")
     if (args.evaluate or args.online_eval) and args.num_images % args.class_num:
         raise SystemExit(f"error: --num_images {args.num_images} must be a multiple of "
                          f"--class_num {args.class_num} (the same number of images per class)")
@@ -193,5 +199,6 @@ def build_metrics(args, info: DistInfo):
         from util.digits import DigitMetrics
         return DigitMetrics(args.output_dir)
     from util.fid import InceptionMetrics
-    return InceptionMetrics(args.fid_stats, args.inception_weights, info.device)
+    return InceptionMetrics(args.fid_stats, args.inception_weights, info.device,
+                            args.ref_batch if args.precision_recall else None, args.fd_dinov2)
 

@@ -75,14 +75,3 @@ def open_checkpoint(folder, args: argparse.Namespace, model_args) -> tuple:
     check_same_config(ckpt.get("args"), args, model_args, path)
     return path, ckpt
 
-
-def load_sampling_weights(model: nn.Module, folder, args, model_args, use_ema: bool = True) -> int:
-    """Put the checkpoint's EMA weights (or, with use_ema=False or no EMA saved, its raw ones)
-    into `model`, strictly; the optimizer and the loss scaler are not read. Returns the epoch."""
-    path, ckpt = open_checkpoint(folder, args, model_args)
-    if ckpt is None:
-        raise FileNotFoundError(f"no {CHECKPOINT_NAME} in --resume {folder or '(not given)'}")
-    key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
-    load_state_dict_strict(model, ckpt[key], f"{path} [{key}]")
-    return ckpt["epoch"]
-

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from util.fid import fid_from_statistics
+from util.fid import frechet_distance
 
 NUM_CLASSES = 10
 SIDE = 8
@@ -48,12 +48,6 @@ class DigitsDataset(Dataset):
 
     def __getitem__(self, i):
         return self.images[i], self.labels[i]
-
-
-def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
-    """Frechet distance between Gaussians fit to two feature sets (N, D)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return fid_from_statistics(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 class DigitClassifier:
@@ -105,3 +99,6 @@ class DigitMetrics:
         np.savez(self.output_dir / f"samples-{name}.npz", images=images, labels=labels)
         return {**self.classifier.quality(images, labels), "num_images": len(images),
                 "ceiling": self.classifier.ceiling()}
+
+    # The sweep plot's axes: Frechet distance against accuracy.
+    sweep_axes = ("frechet", "accuracy")

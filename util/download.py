@@ -5,6 +5,7 @@ weights, and verify them.
     python util/download.py --vae        # only the VAE
     python util/download.py --fid_stats  # only the statistics
     python util/download.py --inception  # only the Inception weights (for offline FID/IS)
+    python util/download.py --ref_batch  # ADM's reference batch (1.6 GB, for precision/recall)
 
 The VAE is the original `kl16.ckpt` of the Hugging Face repo `jadechoghari/mar`, pinned to one
 revision and checked against its size and SHA-256 before it is read; it is then load-tested
@@ -40,6 +41,10 @@ VAE_SHA256 = "34ce001bcfffb7af67ec8af1e683a30d7bd45760855ddc7deedc1330f2cfd38f"
 # The ADM statistics as distributed with MAR (mu and sigma only, ~32 MB). ADM's own reference
 # batch (VIRTUAL_imagenet256_labeled.npz, 1.6 GB, also holds mu and sigma) works as --fid_url too.
 FID_URL = "https://raw.githubusercontent.com/LTH14/mar/main/fid_stats/adm_in256_stats.npz"
+# ADM's ImageNet-256 reference batch: 10,000 real images (arr_0) with mu/sigma, 1.6 GB; what
+# precision/recall (and FD_DINOv2) compare the samples with.
+REF_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
+                 "imagenet/256/VIRTUAL_imagenet256_labeled.npz")
 
 
 def sha256(path) -> str:
@@ -127,23 +132,46 @@ def fetch_fid_stats(dest="fid_stats/adm_in256_stats.npz", url=FID_URL, expected_
     return dest
 
 
+def fetch_ref_batch(dest="fid_stats/VIRTUAL_imagenet256_labeled.npz", url=REF_BATCH_URL,
+                    expected_sha256=None) -> Path:
+    """Download ADM's reference batch and check it: real images `arr_0` (N, H, W, 3) uint8 and
+    the FID statistics `mu`/`sigma` beside them."""
+    from util.fid import ReferenceBatch
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        raw = Path(tmp) / dest.name
+        digest = download(url, raw)
+        if expected_sha256 and digest != expected_sha256:
+            raise ValueError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
+        images = ReferenceBatch(raw).images()
+        load_fid_stats(raw)
+        shutil.move(str(raw), dest)
+    print(f"{dest}: from {url} (sha256 {digest}); {len(images)} images of {images.shape[1:]}")
+    return dest
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", action="store_true", help="fetch only the VAE")
     p.add_argument("--fid_stats", action="store_true", help="fetch only the FID statistics")
     p.add_argument("--inception", action="store_true", help="fetch only the Inception weights")
+    p.add_argument("--ref_batch", action="store_true",
+                   help="fetch ADM's reference batch (1.6 GB; for precision/recall; not by default)")
     p.add_argument("--vae_dir", default="pretrained_models/vae")
     p.add_argument("--fid_dest", default="fid_stats/adm_in256_stats.npz")
     p.add_argument("--fid_url", default=FID_URL)
     p.add_argument("--fid_sha256", default=None, help="expected SHA-256 of the statistics download")
     args = p.parse_args(argv)
-    everything = not (args.vae or args.fid_stats or args.inception)
+    everything = not (args.vae or args.fid_stats or args.inception or args.ref_batch)
     if args.vae or everything:
         fetch_vae(args.vae_dir)
     if args.fid_stats or everything:
         fetch_fid_stats(args.fid_dest, args.fid_url, args.fid_sha256)
     if args.inception or everything:
         fetch_inception()
+    if args.ref_batch:
+        fetch_ref_batch()
 
 
 if __name__ == "__main__":
