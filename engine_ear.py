@@ -13,7 +13,7 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from util.distributed import all_gather_objects, barrier
+from util.distributed import MainRankFailed, barrier, run_on_main
 from util.images import save_grid, save_png, to_uint8, write_adm_npz
 from models.heads import HEADS
 from util.builders import TrainState
@@ -188,16 +188,12 @@ def grid_indices(num_images: int, class_num: int, rows: int = 10, cols: int = 10
 
 def check_metric_inputs(metrics, info) -> None:
     """Before generating anything, rank 0 makes sure the metrics can be computed (statistics
-    file, Inception weights, classifier); on failure every rank stops with rank 0's message."""
-    error = None
-    if info.is_main:
-        try:
-            metrics.check()
-        except (OSError, ValueError, RuntimeError) as e:
-            error = f"{type(e).__name__}: {e}"
-    error = all_gather_objects(error)[0]
-    if error is not None:
-        raise MetricsUnavailable(f"cannot measure the samples: {error}")
+    file, Inception weights, reference features, classifier); on failure every rank stops with
+    rank 0's message."""
+    try:
+        run_on_main(info.is_main, metrics.check)
+    except MainRankFailed as e:
+        raise MetricsUnavailable(f"cannot measure the samples: {e}") from None
 
 
 @torch.no_grad()
@@ -249,14 +245,14 @@ def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, tempera
     folder.mkdir(parents=True, exist_ok=True)
     seconds = generate_share(model, decode, folder, cfg, temperature, batch_size, args, info)
     barrier()
-    result = None
-    if info.is_main:
+
+    def measure():
         result = measure_samples(folder, name, metrics, args, epoch, seconds, log_writer,
                                  {"cfg": cfg, "infer_temperature": temperature})
         if not args.keep_samples:
             shutil.rmtree(folder)
-    barrier()
-    return result
+        return result
+    return run_on_main(info.is_main, measure)
 
 
 def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds: float,

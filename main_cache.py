@@ -90,7 +90,7 @@ def report(args, tokenizer, counts, failures, seconds: float) -> None:
 
 def main(args) -> None:
     check_args(args)
-    info = init_distributed(args.device, args.dist_url, args.dist_on_itp)
+    info = init_distributed(args.device, args.dist_url, args.dist_on_itp, args.dist_timeout)
     try:  # loaded first: a missing or wrong VAE fails before anything is listed or written
         tokenizer = build_tokenizer(vars(args), info.device)
     except ValueError as e:

@@ -22,10 +22,11 @@ from util.args import architecture_flags, train_parser
 from util.builders import (TrainState, build_dataset, build_loader, build_metrics, build_model,
                            build_train_state, make_tokenizer, resolve_args)
 from util.checkpoint import CHECKPOINT_NAME, open_checkpoint, save_training_checkpoint
-from util.distributed import (DistInfo, ReplicasDiffer, check_replicas_in_sync, cleanup,
-                              init_distributed)
+from util.distributed import (DistInfo, MainRankFailed, ReplicasDiffer, barrier,
+                              check_replicas_in_sync, cleanup, init_distributed)
 from util.fileio import atomic_write
 from util.optim import EMA, load_optimizer_state
+from util import pretrained
 from util.pretrained import load_sampling_weights
 from util.sweep import write_sweep
 from util.weights import check_state_dict, load_state_dict_strict
@@ -164,18 +165,29 @@ def train(state: TrainState, loader, to_tokens, decode, metrics, start_epoch: in
 def evaluate_checkpoint(model, tokenizer, metrics, args, info: DistInfo) -> None:
     """--evaluate: the EMA weights of a training checkpoint (no optimizer, no loss scaler), an
     exported folder or a Hub repo, at every (cfg, temperature) of the lists, loaded once."""
+    if info.is_main and not Path(args.resume).is_dir():
+        pretrained.resolve(args.resume, args.revision)  # a Hub download: rank 0 first, once
+    barrier()
     try:
         epoch = load_sampling_weights(model, args.resume, args, args.revision)
     except FileNotFoundError as e:
         raise SystemExit(f"error: --evaluate needs a checkpoint (or exported weights): {e}") from None
+    except ValueError as e:  # the flags describe another network
+        raise SystemExit(f"error: {e}; pass the network's flags (its config.json or saved args) "
+                         "or sample with sample_ear.py, which reads them") from None
+    log_writer = None
     if info.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        log_writer = SummaryWriter(log_dir=args.log_dir)
         print(f"evaluating the EMA weights of {args.resume} (epoch {epoch})")
     points = [(cfg, t) for t in args.infer_temperature for cfg in args.cfg]
-    sweep(model, tokenizer.decode, metrics, args, info, epoch, points)
+    sweep(model, tokenizer.decode, metrics, args, info, epoch, points, log_writer)
+    if log_writer is not None:
+        log_writer.close()
 
 
 def main(args: argparse.Namespace) -> None:
-    info = init_distributed(args.device, args.dist_url, args.dist_on_itp)
+    info = init_distributed(args.device, args.dist_url, args.dist_on_itp, args.dist_timeout)
     resolve_args(args, info)
     torch.manual_seed(args.seed + info.rank)
     if info.is_main:
@@ -187,7 +199,7 @@ def main(args: argparse.Namespace) -> None:
     if args.evaluate:
         try:
             evaluate_checkpoint(model, tokenizer, metrics, args, info)
-        except MetricsUnavailable as e:
+        except (MetricsUnavailable, MainRankFailed) as e:
             raise SystemExit(f"[rank {info.rank}] error: {e}") from None
         cleanup()
         return

@@ -46,6 +46,7 @@ def results(out: Path) -> list:
 def run_head(head: str, args) -> list:
     """Train one head (with the quick start's evaluation at the end); rows of the table."""
     out = args.out / head
+    shutil.rmtree(out, ignore_errors=True)  # no rows or checkpoints from an earlier run
     main_ear("--head", head, "--epochs", args.epochs, "--seed", args.seed,
              "--output_dir", out, "--log_dir", out)
     summary = json.loads((out / "metrics.json").read_text())
@@ -55,8 +56,9 @@ def run_head(head: str, args) -> list:
             for cfg in (1.0, 2.0):
                 main_ear("--head", head, "--output_dir", out, "--resume", out, "--evaluate",
                          "--num_sampling_steps", steps, "--cfg", cfg, "--seed", args.seed)
-    head_params = sum(q.numel() for q in build_model(summary_settings(out)).head.parameters())
-    steps = args.epochs * (TRAIN_DIGITS // 64)
+    settings = summary_settings(out)
+    head_params = sum(q.numel() for q in build_model(settings).head.parameters())
+    steps = args.epochs * (TRAIN_DIGITS // settings.batch_size)
     return [{"head": head, "sampling_steps": r.get("num_sampling_steps", "-"), "cfg": r["cfg"],
              "accuracy": r["accuracy"], "frechet": r["frechet"],
              "seconds_per_image": r["seconds_per_image"],

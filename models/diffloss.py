@@ -88,7 +88,7 @@ class DiffLoss(nn.Module):
         super().__init__()
         if diffusion_batch_mul < 1:
             raise ValueError(f"diffusion_batch_mul must be >= 1, got {diffusion_batch_mul}")
-        self.diffusion_batch_mul = diffusion_batch_mul
+        self.token_dim, self.diffusion_batch_mul = token_dim, diffusion_batch_mul
         self.betas = cosine_betas(TRAIN_TIMESTEPS)
         self.num_sampling_steps = num_sampling_steps
         self.processes = {}
@@ -130,7 +130,7 @@ class DiffLoss(nn.Module):
                 (eps_c, eps_u), (v_c, _) = eps.chunk(2), v.chunk(2)
                 return eps_u + cfg * (eps_c - eps_u), v_c
         rows = len(z) if cfg == 1.0 else len(z) // 2
-        noise = torch.randn(rows, self.net.input_proj.in_features, device=z.device)
+        noise = torch.randn(rows, self.token_dim, device=z.device)
         return process.sample(model, noise, temperature).to(z.dtype)
 
     def compile_for_training(self) -> None:

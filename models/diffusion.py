@@ -30,9 +30,18 @@ def normal_kl(mean1, log_var1, mean2, log_var2) -> torch.Tensor:
                   + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
 
 
-def gaussian_nll(x, mean, log_var) -> torch.Tensor:
-    """-log N(x; mean, e^log_var) per element, in nats."""
-    return 0.5 * (math.log(2 * math.pi) + log_var + (x - mean) ** 2 * torch.exp(-log_var))
+def discretized_gaussian_nll(x, mean, log_var, bin_width: float = 2 / 255) -> torch.Tensor:
+    """DDPM's decoder term L_0 per element, in nats: -log of the mass N(mean, e^log_var) puts
+    on the bin of width `bin_width` around x (the data as 8-bit values in [-1, 1]), the outer
+    bins reaching to +-infinity. Bounded below by 0, unlike a continuous density; MAR keeps this
+    term for its continuous tokens too."""
+    std = torch.exp(0.5 * log_var)
+    upper = torch.where(x > 0.999, torch.full_like(x, math.inf), (x + bin_width / 2 - mean) / std)
+    lower = torch.where(x < -0.999, torch.full_like(x, -math.inf), (x - bin_width / 2 - mean) / std)
+    # P(lower < Z < upper) from whichever tail keeps the difference accurate.
+    mass = torch.where(lower > 0, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
+                       torch.special.ndtr(upper) - torch.special.ndtr(lower))
+    return -torch.log(mass.clamp(min=1e-12))
 
 
 class Diffusion:
@@ -50,19 +59,23 @@ class Diffusion:
         self.sqrt_abar, self.sqrt_one_minus_abar = abar.sqrt(), (1.0 - abar).sqrt()
         self.sqrt_recip_abar, self.sqrt_recip_abar_m1 = (1.0 / abar).sqrt(), (1.0 / abar - 1).sqrt()
         variance = self.betas * (1.0 - abar_prev) / (1.0 - abar)
-        # beta~_0 is 0: its log takes beta~_1's value, so the interpolation range stays finite.
-        self.posterior_log_var = torch.log(torch.cat([variance[1:2], variance[1:]]))
+        # beta~_0 is 0: its log takes beta~_1's value (a one-step process: beta_0's), so the
+        # interpolation range stays finite.
+        first = variance[1:2] if self.num_steps > 1 else self.betas[:1]
+        self.posterior_log_var = torch.log(torch.cat([first, variance[1:]]))
         self.log_betas = torch.log(self.betas)
         self.posterior_c1 = self.betas * abar_prev.sqrt() / (1.0 - abar)
         self.posterior_c2 = (1.0 - abar_prev) * alphas.sqrt() / (1.0 - abar)
 
     @classmethod
     def respaced(cls, betas: torch.Tensor, num_steps: int, device="cpu") -> "Diffusion":
-        """The process of `betas` on `num_steps` evenly spaced timesteps (first and last kept):
-        step i jumps from kept timestep k_i to k_{i-1}, with beta = 1 - abar_{k_i} / abar_{k_{i-1}}."""
+        """The process of `betas` on `num_steps` evenly spaced timesteps (first and last kept;
+        one step: the last, straight from noise to data): step i jumps from kept timestep k_i to
+        k_{i-1}, with beta = 1 - abar_{k_i} / abar_{k_{i-1}}."""
         if not 1 <= num_steps <= len(betas):
             raise ValueError(f"num_sampling_steps must be in [1, {len(betas)}], got {num_steps}")
-        keep = torch.linspace(0, len(betas) - 1, num_steps, dtype=torch.float64).round().long()
+        keep = (torch.linspace(0, len(betas) - 1, num_steps, dtype=torch.float64).round().long()
+                if num_steps > 1 else torch.tensor([len(betas) - 1]))
         abar = torch.cumprod(1.0 - betas.double(), 0)[keep]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         return cls(1.0 - abar / abar_prev, keep, device)
@@ -93,7 +106,7 @@ class Diffusion:
         bound term L_t (bits per dimension) for the variance, with the noise prediction held
         fixed in L_t so that only the MSE trains the mean. This is L_simple + lambda * L_vlb
         with lambda = 1/T and L_vlb estimated by T * L_t. L_0, the decoder term, is the
-        continuous Gaussian NLL of x_0 (the tokens are continuous, not 8-bit pixels).
+        discretized Gaussian NLL of x_0, as DDPM and MAR have it.
         `model(x_t, t) -> (eps, v)`, each (N, D)."""
         xt = self.q_sample(x0, t, noise)
         eps, v = (o.float() for o in model(xt, self.timesteps[t]))
@@ -101,7 +114,7 @@ class Diffusion:
         true_mean, true_log_var = self.q_posterior(x0, xt, t)
         mean, log_var = self.p_mean_log_var(eps.detach(), v, xt, t)
         kl = normal_kl(true_mean, true_log_var, mean, log_var).mean(-1) / LOG2
-        nll = gaussian_nll(x0, mean, log_var).mean(-1) / LOG2
+        nll = discretized_gaussian_nll(x0, mean, log_var).mean(-1) / LOG2
         return mse + torch.where(t == 0, nll, kl)
 
     @torch.no_grad()

@@ -49,7 +49,10 @@ class MixtureMLP(nn.Module):
         h = self.input_proj(z)
         for block in self.res_blocks:
             h = h + block(h)
-        out = self.out(self.norm_out(h))
+        # The mixture parameters in float32 even under fp16/bf16 autocast: half-precision means
+        # would quantise the density far more coarsely than the smallest standard deviation.
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            out = self.out(self.norm_out(h.to(self.out.weight.dtype)))
         k, d = self.components, self.token_dim
         logits, means, raw = out.split([k, k * d, k * d], dim=-1)
         return logits, means.view(-1, k, d), F.softplus(raw.view(-1, k, d)) + MIN_STD

@@ -152,8 +152,8 @@ class ScoreLoss(nn.Module):
         "noise_channels": ("generator input-noise dimension", True),
         "alpha": ("energy-score exponent, in (0, 2]", False),
         "train_temperature": ("weight (<= 1) of the sample-sample distance in the loss", False),
-        # The reference's flag defaults to 1 while its constructor (and ours) defaults to 2,
-        # as MAR's diffusion_batch_mul does (1 vs 4): the third entry is the flag's default.
+        # The flag defaults to 1, as the reference's does; the constructor keeps 2, the paper's
+        # setting and this project's earlier default. The third entry is the flag's default.
         "score_batch_mul": ("independent sample pairs per masked token", False, 1),
     }
     SIZES = {"ear_base": dict(scoreloss_d=6, scoreloss_w=1024),

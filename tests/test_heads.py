@@ -165,6 +165,28 @@ def test_gmm_guidance_mixes_hidden_states_and_temperature_scales_the_deviation()
     torch.testing.assert_close(draws[0.5] - draws[0.0], 0.5 * (draws[1.0] - draws[0.0]))
 
 
+def test_respaced_sampler_conditions_the_network_on_training_timesteps():
+    """With the exact denoiser, 50 respaced steps still give the data's mean: the network is
+    called with the kept training timesteps (indices 0..49 would be far off)."""
+    torch.manual_seed(0)
+    process = Diffusion.respaced(cosine_betas(), 50)
+    x = process.sample(gaussian_denoiser(1.5, 0.3), torch.randn(20000, 1))
+    assert x.mean().item() == pytest.approx(1.5, abs=0.02)
+    assert 0.2 < x.std().item() < 0.33
+    one_step = Diffusion.respaced(cosine_betas(), 1)  # straight from noise to the data's mean
+    assert one_step.timesteps.tolist() == [999]
+    torch.testing.assert_close(one_step.sample(gaussian_denoiser(1.5, 0.3), torch.randn(4, 1)),
+                               torch.full((4, 1), 1.5), atol=0.01, rtol=0)
+
+
+def test_decoder_term_is_a_probability_of_the_data_bin():
+    from models.diffusion import discretized_gaussian_nll
+    x = torch.linspace(-1, 1, 256)[:, None]  # every 8-bit value
+    mass = torch.exp(-discretized_gaussian_nll(x, torch.tensor(0.1), torch.tensor(math.log(0.3 ** 2))))
+    assert mass.sum().item() == pytest.approx(1.0, abs=1e-4)  # the bins cover the line once
+    assert bool((discretized_gaussian_nll(torch.randn(100, 3), torch.zeros(3), torch.zeros(3)) >= 0).all())
+
+
 class LinearStub(torch.nn.Module):
     """The exact denoiser of N(mean(z), I) with mean(z) = z[:, :D] / 2, and v = 1: its noise
     prediction is linear in z, so guidance on the noise equals mixing the z's."""
@@ -174,10 +196,38 @@ class LinearStub(torch.nn.Module):
         return torch.cat([eps, torch.ones_like(x)], dim=-1)
 
 
+class NonlinearStub(torch.nn.Module):
+    """The exact denoiser of N(tanh(z[:, :D]), I), and v = tanh(z[:, D:2D]): nonlinear in z, so
+    guidance on the noise differs from mixing the z's; the halves' v differ."""
+
+    def forward(self, x, t, z):
+        d = x.shape[1]
+        eps, _ = gaussian_denoiser(torch.tanh(z[:, :d]), 1.0)(x, t)
+        return torch.cat([eps, torch.tanh(z[:, d:2 * d])], dim=-1)
+
+
+def test_diffusion_guidance_is_on_the_noise_with_the_conditional_variance():
+    head = small_head("diffusion")
+    head.net = NonlinearStub()
+    z_c, z_u = torch.randn(10, 6), torch.randn(10, 6)
+    torch.manual_seed(5)
+    guided = head.sample(torch.cat([z_c, z_u]), cfg=3.0, temperature=0.8)
+
+    def by_hand(x, t):  # eps_u + cfg (eps_c - eps_u), and the conditional half's v
+        (eps_c, v_c), (eps_u, _) = (head.net(x, t, z).chunk(2, -1) for z in (z_c, z_u))
+        return eps_u + 3.0 * (eps_c - eps_u), v_c
+    torch.manual_seed(5)
+    noise = torch.randn(10, 3)  # x_T: drawn first, not scaled by the temperature
+    expected = head.process(5, "cpu").sample(by_hand, noise, temperature=0.8)
+    torch.testing.assert_close(guided, expected)
+    torch.manual_seed(5)
+    mixed_z = head.sample(3.0 * z_c - 2.0 * z_u, temperature=0.8)
+    assert (guided - mixed_z).abs().max() > 1e-3  # guidance on z would be another thing
+
+
 def test_diffusion_guidance_acts_on_the_noise_and_temperature_on_the_step_noise():
     head = small_head("diffusion")
     head.net = LinearStub()
-    head.net.input_proj = torch.nn.Linear(1, 3)  # tells the sampler the token size
     z_c, z_u = torch.randn(10, 6), torch.randn(10, 6)
     torch.manual_seed(5)
     guided = head.sample(torch.cat([z_c, z_u]), cfg=3.0)

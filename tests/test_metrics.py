@@ -79,6 +79,13 @@ def test_reference_features_are_cached_with_their_source_hash(reference, incepti
         np.savez(copy, arr_0=data["arr_0"][::-1].copy(), mu=data["mu"], sigma=data["sigma"])
     again = ReferenceBatch(copy).features(extractor, "2048", "cpu")
     assert torch.allclose(again, first.flip(0), atol=1e-5) and not torch.equal(again, first)
+    # Another network (its weights' hash differs): recomputed too.
+    stamp = cache.stat().st_mtime_ns
+    extractor.weights_sha256 = "0" * 64
+    ReferenceBatch(copy).features(extractor, "2048", "cpu")
+    assert cache.stat().st_mtime_ns != stamp
+    with np.load(cache) as data:
+        assert str(data["extractor_sha256"]) == "0" * 64
 
 
 def test_a_statistics_file_without_images_is_a_clear_error(tmp_path):

@@ -147,6 +147,8 @@ def add_system_args(p: argparse.ArgumentParser) -> None:
                    help="accepted for compatibility; the launcher's environment decides")
     g.add_argument("--dist_on_itp", action="store_true", help="take ranks from OpenMPI variables")
     g.add_argument("--dist_url", default="env://", help="process-group rendezvous URL")
+    g.add_argument("--dist_timeout", type=float, default=120,
+                   help="minutes a rank waits for the others (rank 0 measures FID alone)")
 
 
 def check_positive(args: argparse.Namespace, *names: str) -> None:

@@ -5,7 +5,9 @@ Works in a single process, under torchrun (RANK, WORLD_SIZE, LOCAL_RANK), under 
 and on Azure ITP / OpenMPI (`--dist_on_itp`). NCCL on CUDA, gloo on CPU.
 """
 import os
+import traceback
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -45,11 +47,14 @@ def _launcher_env(dist_on_itp: bool):
     return None
 
 
-def init_distributed(device: str = "cuda", dist_url: str = "env://", dist_on_itp: bool = False) -> DistInfo:
+def init_distributed(device: str = "cuda", dist_url: str = "env://", dist_on_itp: bool = False,
+                     timeout_minutes: float = 120) -> DistInfo:
     """Join the process group if a launcher started us; pick this process's device.
 
     device: "cuda" or "cpu" (or "cuda:N" in a single process). Falls back to the CPU, with a
-    warning, when CUDA was asked for but is not available.
+    warning, when CUDA was asked for but is not available. timeout_minutes: how long a rank
+    waits for the others in a collective (rank 0 measures FID on 50,000 images alone while the
+    others wait; NCCL's own default, 10 minutes, can be too short for that).
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         print(f"warning: --device {device} requested but CUDA is not available; using the CPU")
@@ -66,6 +71,7 @@ def init_distributed(device: str = "cuda", dist_url: str = "env://", dist_on_itp
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=world_size,
+                            timeout=timedelta(minutes=timeout_minutes),
                             device_id=dev if backend == "nccl" else None)
     return DistInfo(rank, world_size, local_rank, dev)
 
@@ -90,6 +96,27 @@ def all_gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+class MainRankFailed(RuntimeError):
+    pass
+
+
+def run_on_main(is_main: bool, fn):
+    """fn() on rank 0 alone, which gets its result (the others None); if it fails, every rank
+    raises MainRankFailed with its error, so that no rank waits forever for one that failed
+    (rank 0 prints the traceback). Also a barrier."""
+    result, error = None, None
+    if is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            traceback.print_exc()
+            error = f"{type(e).__name__}: {e}"
+    error = all_gather_objects(error)[0]
+    if error is not None:
+        raise MainRankFailed(error)
+    return result
 
 
 def cleanup() -> None:

@@ -162,6 +162,8 @@ def main(argv=None) -> None:
     p.add_argument("--fid_dest", default="fid_stats/adm_in256_stats.npz")
     p.add_argument("--fid_url", default=FID_URL)
     p.add_argument("--fid_sha256", default=None, help="expected SHA-256 of the statistics download")
+    p.add_argument("--ref_batch_sha256", default=None,
+                   help="expected SHA-256 of the reference batch download")
     args = p.parse_args(argv)
     everything = not (args.vae or args.fid_stats or args.inception or args.ref_batch)
     if args.vae or everything:
@@ -171,7 +173,7 @@ def main(argv=None) -> None:
     if args.inception or everything:
         fetch_inception()
     if args.ref_batch:
-        fetch_ref_batch()
+        fetch_ref_batch(expected_sha256=args.ref_batch_sha256)
 
 
 if __name__ == "__main__":

@@ -254,8 +254,10 @@ class InceptionMetrics:
         result.update({"is": isc[KEY_METRIC_ISC_MEAN], "is_std": isc[KEY_METRIC_ISC_STD],
                        "is_splits": splits})
         if self.ref_batch is not None:  # generated first, real second: torch-fidelity's order
-            prc = prc_features_to_metric(feats["2048"], self.ref_pool, prc_neighborhood=3,
-                                         prc_batch_size=10000, save_cpu_ram=True, verbose=False)
+            # On the device: 50,000 x 10,000 distances in 2048 dimensions are slow on a CPU.
+            prc = prc_features_to_metric(feats["2048"].to(self.device), self.ref_pool.to(self.device),
+                                         prc_neighborhood=3, prc_batch_size=10000,
+                                         save_cpu_ram=True, verbose=False)
             result.update({"precision": prc["precision"], "recall": prc["recall"]})
             if self.fd_dinov2:
                 gen = extract_features(self.dinov2, images, self.device)["dinov2"]

@@ -56,7 +56,7 @@ def push(folder, repo_id: str, private: bool = False) -> str:
 
 def resolve(spec: str, revision: str = None) -> Path:
     """A local folder as it is; a Hub repo id ("user/name") downloaded (or found in the cache)."""
-    if Path(spec).is_dir():
+    if spec and Path(spec).is_dir():
         return Path(spec)
     if HUB_ID.match(spec or ""):
         from huggingface_hub import snapshot_download
@@ -71,7 +71,8 @@ def read(spec: str, revision: str = None, use_ema: bool = True) -> tuple:
     checkpoint, an exported folder, or a Hub repo id. A training checkpoint gives its EMA
     weights (use_ema=False: its raw ones); its optimizer and loss scaler are never read."""
     folder = resolve(spec, revision)
-    if (folder / CHECKPOINT_NAME).is_file():
+    from_hub = not Path(spec).is_dir()  # a Hub repo: only the exported pair, never a pickle
+    if not from_hub and (folder / CHECKPOINT_NAME).is_file():
         path = folder / CHECKPOINT_NAME
         ckpt = load_training_checkpoint(path)
         key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
