@@ -112,7 +112,7 @@ def test_gmm_head_learns_a_2d_mixture():
 
 def test_diffusion_head_learns_a_2d_mixture():
     """800 steps, sampled with the full 1000-step chain: measured 0.019-0.028 over seeds 0-3.
-    With 100 or 250 respaced steps this small budget does not suffice (0.09-0.38 at 250): the
+    With 100 or 250 respaced steps this small budget does not suffice (0.08-4.4 at 250): the
     first jump, from timestep 999 to 989, multiplies the noise-prediction error by about 300
     (see the README's comparison of the heads)."""
     torch.manual_seed(0)

@@ -520,8 +520,10 @@ def test_launcher_environments(monkeypatch):
 
 
 @pytest.mark.slow
-def test_compile_trains_without_recompiling(cache, tmp_path):
-    proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2, "--compile"))
+@pytest.mark.parametrize("head", [[], ["--head", "diffusion", "--diffloss_d", 2, "--diffloss_w", 16],
+                                  ["--head", "gmm", "--gmm_d", 1, "--gmm_w", 16]])
+def test_compile_trains_without_recompiling(cache, tmp_path, head):
+    proc = run_script("main_ear.py", train_args(cache, tmp_path, "--epochs", 2, "--compile", *head))
     assert "recompil" not in proc.stderr  # the generator's varying row count must not recompile
     assert len(epoch_losses(tmp_path)) == 2
 
