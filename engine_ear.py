@@ -13,10 +13,10 @@ import torch.nn as nn
 from PIL import Image
 from tqdm import tqdm
 
-from util.distributed import MainRankFailed, barrier, run_on_main
-from util.images import save_grid, save_png, to_uint8, write_adm_npz
 from models.heads import HEADS
 from util.builders import TrainState
+from util.distributed import MainRankFailed, barrier, run_on_main
+from util.images import save_grid, save_png, to_uint8, write_adm_npz
 from util.optim import lr_at, set_lr
 from util.precision import autocast, resolve_precision
 

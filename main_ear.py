@@ -26,8 +26,7 @@ from util.distributed import (DistInfo, MainRankFailed, ReplicasDiffer, barrier,
                               check_replicas_in_sync, cleanup, init_distributed)
 from util.fileio import atomic_write
 from util.optim import EMA, load_optimizer_state
-from util import pretrained
-from util.pretrained import load_sampling_weights
+from util.pretrained import load_sampling_weights, resolve
 from util.sweep import write_sweep
 from util.weights import check_state_dict, load_state_dict_strict
 
@@ -166,7 +165,7 @@ def evaluate_checkpoint(model, tokenizer, metrics, args, info: DistInfo) -> None
     """--evaluate: the EMA weights of a training checkpoint (no optimizer, no loss scaler), an
     exported folder or a Hub repo, at every (cfg, temperature) of the lists, loaded once."""
     if info.is_main and not Path(args.resume).is_dir():
-        pretrained.resolve(args.resume, args.revision)  # a Hub download: rank 0 first, once
+        resolve(args.resume, args.revision)  # a Hub download: rank 0 first, then the others
     barrier()
     try:
         epoch = load_sampling_weights(model, args.resume, args, args.revision)

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from engine_ear import generate
+from util import pretrained
 from util.args import (ArgsFileParser, add_device_args, add_precision_arg, add_sampling_args,
                        architecture_flags, explicit_flags, network_settings, train_parser)
 from util.builders import build_model, make_tokenizer, settings_from_checkpoint
-from util import pretrained
 from util.checkpoint import check_same_config
 from util.images import save_grid, save_png, to_uint8
 from util.weights import load_state_dict_strict

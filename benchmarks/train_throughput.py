@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine_ear import optimizer_step  # noqa: E402
-from util.builders import build_model, build_train_state, resolve_args  # noqa: E402
 from util.args import train_parser  # noqa: E402
+from util.builders import build_model, build_train_state, resolve_args  # noqa: E402
 from util.distributed import DistInfo  # noqa: E402
 
 

@@ -117,7 +117,7 @@ def test_fd_dinov2_through_torch_fidelitys_extractor(reference, inception_weight
 
 
 def test_evaluate_sweeps_exports_npz_and_reports_precision_recall(trained, reference, random_vae_ckpt,  # noqa: F811
-                                                                  inception_weights, tmp_path):
+                                                                  inception_weights, tmp_path):  # noqa: F811
     ckpt_dir, _ = trained
     batch, _, _ = reference
     (tmp_path / "checkpoint-last.pth").symlink_to(ckpt_dir / "checkpoint-last.pth")

@@ -253,7 +253,8 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv: list) -> tuple:
-    """(the flags of `parser` that `argv` sets, as a dict; the words it does not know)."""
+    """(the flags of `parser` that `argv` sets, as a dict; the words it does not know). Drops
+    the parser's defaults to do so: pass a parser made for this call."""
     for action in parser._actions:  # argparse has no public way to drop every default
         action.default = argparse.SUPPRESS
     given, unknown = parser.parse_known_args(argv)

@@ -22,7 +22,6 @@ from util.distributed import DistInfo
 from util.optim import EMA, param_groups
 from util.precision import resolve_precision
 
-
 # ----- settings ---------------------------------------------------------------------------------
 
 def fill_named_sizes(args: argparse.Namespace) -> None:

@@ -12,7 +12,6 @@ import torch
 import torch.nn as nn
 
 from util.fileio import atomic_write, remove_stale_temporaries
-from util.weights import check_state_dict, load_state_dict_strict
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
 PLAIN = (str, int, float, bool, type(None), list, tuple, dict)

@@ -28,9 +28,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models.vae import AutoencoderKL  # noqa: E402
+from util.fid import DEFAULT_INCEPTION, INCEPTION_FILE, load_fid_stats  # noqa: E402
 from util.fileio import atomic_write  # noqa: E402
 from util.weights import load_state_dict_strict, read_weights  # noqa: E402
-from util.fid import DEFAULT_INCEPTION, INCEPTION_FILE, load_fid_stats  # noqa: E402
 
 VAE_REPO = "jadechoghari/mar"
 VAE_FILE = "kl16.ckpt"

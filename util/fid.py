@@ -240,7 +240,8 @@ class InceptionMetrics:
         self.extractor = extractor
 
     def measure(self, folder, labels, name: str) -> dict:
-        from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_featuresdict_to_metric
+        from torch_fidelity.metric_isc import (KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD,
+                                               isc_featuresdict_to_metric)
         from torch_fidelity.metric_prc import prc_features_to_metric
         self.check()
         images = folder_images(folder)
