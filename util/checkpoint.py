@@ -37,12 +37,24 @@ def save_training_checkpoint(output_dir, model: nn.Module, ema, optimizer, scale
     return path
 
 
-def load_training_checkpoint(path) -> dict:
-    """Load a training checkpoint with weights_only=True; `args` comes back as a dict (or None)."""
+def load_training_checkpoint(path, mmap: bool = False) -> dict:
+    """Load a training checkpoint with weights_only=True; `args` comes back as a dict (or None).
+
+    mmap: map the file instead of reading it, so that only the tensors used are paged in (the
+    EMA weights of an EAR-H checkpoint are a quarter of its 15 GB; each sampling rank would
+    otherwise hold all of it)."""
     path = Path(path)
-    try:
+
+    def load(mapped: bool):
         with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+    try:
+        try:
+            ckpt = load(mmap)
+        except RuntimeError:  # a file in torch's legacy format cannot be mapped: read it
+            if not mmap:
+                raise
+            ckpt = load(False)
     except Exception as e:
         raise ValueError(f"{path}: not a readable training checkpoint ({e})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:

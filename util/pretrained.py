@@ -74,7 +74,7 @@ def read(spec: str, revision: str = None, use_ema: bool = True) -> tuple:
     from_hub = not Path(spec).is_dir()  # a Hub repo: only the exported pair, never a pickle
     if not from_hub and (folder / CHECKPOINT_NAME).is_file():
         path = folder / CHECKPOINT_NAME
-        ckpt = load_training_checkpoint(path)
+        ckpt = load_training_checkpoint(path, mmap=True)  # the optimizer state stays on disk
         key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
         return ckpt.get("args"), ckpt[key], ckpt["epoch"], f"{path} [{key}]"
     if (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file():
