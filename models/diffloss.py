@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from models.diffusion import Diffusion, cosine_betas
-from models.scoreloss import FinalLayer, ResBlock, init_modulated_mlp
+from models.scoreloss import FinalLayer, ResBlock, init_modulated_mlp, masked_rows
 
 TRAIN_TIMESTEPS = 1000
 
@@ -106,11 +106,7 @@ class DiffLoss(nn.Module):
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         """Mean hybrid diffusion loss over the rows of target (N, D) where mask is 1, each row
         noised `diffusion_batch_mul` times at uniform random timesteps."""
-        if mask is not None:
-            keep = mask.bool()
-            target, z = target[keep], z[keep]
-        k = self.diffusion_batch_mul
-        target, z = target.repeat(k, 1), z.repeat(k, 1)
+        target, z = masked_rows(target, z, mask, self.diffusion_batch_mul)
         t = torch.randint(0, TRAIN_TIMESTEPS, (len(target),), device=target.device)
         noise = torch.randn_like(target)
         model = lambda x, steps: self.net(x, steps, z).chunk(2, dim=-1)

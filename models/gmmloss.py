@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.scoreloss import guided_hidden_state
+from models.scoreloss import guided_hidden_state, masked_rows
 
 MIN_STD = 1e-4  # keeps the density finite when a component collapses onto a point
 
@@ -93,9 +93,7 @@ class GMMLoss(nn.Module):
         self.net = MixtureMLP(z_dim, token_dim, gmm_components, gmm_d, gmm_w)
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-        if mask is not None:
-            keep = mask.bool()
-            target, z = target[keep], z[keep]
+        target, z = masked_rows(target, z, mask)
         logits, means, stds = self.net(z)
         return -mixture_log_prob(logits.float(), means.float(), stds.float(), target.float()).mean() / target.shape[-1]
 

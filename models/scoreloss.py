@@ -41,6 +41,17 @@ def energy_score(x1: torch.Tensor, x2: torch.Tensor, target: torch.Tensor,
     return temperature * dist(x1, x2) - dist(x1, target) - dist(x2, target)
 
 
+def masked_rows(target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor = None,
+                copies: int = 1) -> tuple:
+    """The rows of target (N, D) and z (N, C) where mask (N,) is 1 (all rows when mask is None),
+    each repeated `copies` times, so that a head spends nothing on the rows that do not count:
+    ((M * copies, D), (M * copies, C))."""
+    if mask is not None:
+        keep = mask.bool()
+        target, z = target[keep], z[keep]
+    return target.repeat(copies, 1), z.repeat(copies, 1)
+
+
 def guided_hidden_state(z: torch.Tensor, cfg: float) -> torch.Tensor:
     """Guidance on hidden states: z is [z_cond; z_uncond] (2M, C) when cfg != 1, and becomes
     cfg * z_cond + (1 - cfg) * z_uncond (M, C); with cfg == 1 it is returned as it is."""
@@ -185,11 +196,7 @@ class ScoreLoss(nn.Module):
         are dropped before the generator runs, so they cost nothing and change nothing. Each
         kept row is repeated `score_batch_mul` times, each copy with its own pair of samples.
         """
-        if mask is not None:
-            keep = mask.bool()
-            target, z = target[keep], z[keep]
-        k = self.score_batch_mul
-        target, z = target.repeat(k, 1), z.repeat(k, 1)
+        target, z = masked_rows(target, z, mask, self.score_batch_mul)
         x1, x2 = self.generate(torch.cat([z, z])).chunk(2)
         score = energy_score(x1, x2, target, self.alpha, self.train_temperature)
         return -score.mean()

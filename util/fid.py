@@ -84,7 +84,6 @@ def inception_extractor(device, weights_path=None):
     import io
     import sys
 
-    import torch
     from torch_fidelity.utils import create_feature_extractor
     path = resolve_inception_weights(weights_path)
     data = path.read_bytes()
@@ -110,7 +109,6 @@ def dinov2_extractor(device, name: str = "dinov2-vit-l-14"):
     network, with no offline path), so this needs network and trusts that repository."""
     import hashlib
 
-    import torch
     from torch_fidelity.utils import create_feature_extractor
     extractor = create_feature_extractor(name, ["dinov2"], cuda=False, verbose=False)
     h = hashlib.sha256(name.encode())
@@ -136,7 +134,6 @@ class ImageArray(torch.utils.data.Dataset):
 
 def extract_features(extractor, dataset, device, batch_size: int = 64) -> dict:
     """One pass of `extractor` over a torch-fidelity dataset: {feature name: (N, F) tensor}."""
-    import torch
     from torch_fidelity.utils import get_featuresdict_from_dataset
     return get_featuresdict_from_dataset(dataset, extractor, batch_size,
                                          cuda=torch.device(device).type == "cuda",
@@ -197,8 +194,6 @@ class ReferenceBatch:
 
     def features(self, extractor, feature: str, device):
         """The reference images' `feature` (N, F) from `extractor`, cached as described."""
-        import torch
-
         from util.fileio import atomic_write
         cache = self.path.with_name(f"{self.path.stem}.{feature}.npz")
         key = {"source_sha256": self.sha256(), "extractor_sha256": extractor.weights_sha256}
