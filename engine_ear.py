@@ -10,13 +10,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from PIL import Image
 from tqdm import tqdm
 
 from models.heads import HEADS
 from util.builders import TrainState
 from util.distributed import MainRankFailed, barrier, run_on_main
-from util.images import save_grid, save_png, to_uint8, write_adm_npz
+from util.images import (NPZ_PERMUTATION_SEED, read_sample, sample_file, save_grid, save_png,
+                          to_uint8, write_adm_npz)
 from util.optim import lr_at, set_lr
 from util.precision import autocast, resolve_precision
 
@@ -222,7 +222,7 @@ def generate_share(model, decode, folder: Path, cfg: float, temperature: float, 
                 timed_images += len(index)
                 timed_seconds += time.perf_counter() - start
             for i, img in zip(index.tolist(), images):
-                save_png(img, folder / f"{i:05d}.png")
+                save_png(img, sample_file(folder, i))
             bar.update(len(index))
         bar.close()
     finally:
@@ -259,17 +259,18 @@ def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds:
                     log_writer, point: dict) -> dict:
     """Rank 0's part of `evaluate`: grid, metrics, ADM export, JSON line, TensorBoard."""
     out = Path(args.output_dir)
-    grid = np.stack([np.asarray(Image.open(folder / f"{i:05d}.png"))
-                     for i in grid_indices(args.num_images, args.class_num)])
+    grid = np.stack([read_sample(folder, i) for i in grid_indices(args.num_images, args.class_num)])
     grid = grid[..., None] if grid.ndim == 3 else grid
     grid_path = save_grid(grid, min(10, args.num_images // args.class_num), out / f"grid-{name}.png")
-    measured = metrics.measure(folder, balanced_labels(args.num_images, args.class_num).numpy(), name)
+    labels = balanced_labels(args.num_images, args.class_num).numpy()
+    measured = metrics.measure(folder, labels, name)
     result = {"epoch": epoch, "model": args.model, "head": args.head,
               **head_sampling_settings(args), **point, "cfg_schedule": args.cfg_schedule,
               "num_iter": args.num_iter, **measured, "seconds_per_image": seconds,
               "grid": str(grid_path)}
     if args.save_npz:
-        result["npz"] = str(write_adm_npz(folder, args.num_images, out / f"samples-{name}"))
+        result["npz"] = str(write_adm_npz(folder, labels, out / f"samples-{name}"))
+        result["npz_permutation_seed"] = NPZ_PERMUTATION_SEED
     scores = {k: v for k, v in measured.items() if k in SCORES}
     print(f"epoch {epoch}, cfg {point['cfg']}, temperature {point['infer_temperature']}: "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())

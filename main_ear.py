@@ -21,14 +21,15 @@ from engine_ear import (MetricsUnavailable, NonFiniteLoss, TokenBatches, all_ran
 from util.args import architecture_flags, train_parser
 from util.builders import (TrainState, build_dataset, build_loader, build_metrics, build_model,
                            build_train_state, make_tokenizer, resolve_args)
-from util.checkpoint import CHECKPOINT_NAME, open_checkpoint, save_training_checkpoint
-from util.distributed import (DistInfo, MainRankFailed, ReplicasDiffer, barrier,
-                              check_replicas_in_sync, cleanup, init_distributed)
+from util.checkpoint import (CHECKPOINT_NAME, ConfigMismatch, open_checkpoint,
+                             save_training_checkpoint)
+from util.distributed import (DistInfo, MainRankFailed, ReplicasDiffer, check_replicas_in_sync,
+                              cleanup, init_distributed, run_on_main)
 from util.fileio import atomic_write
 from util.optim import EMA, load_optimizer_state
 from util.pretrained import load_sampling_weights, resolve
 from util.sweep import write_sweep
-from util.weights import check_state_dict, load_state_dict_strict
+from util.weights import check_state_dict, check_values, load_state_dict_strict
 
 
 def resume(state: TrainState, args, info: DistInfo) -> int:
@@ -40,7 +41,9 @@ def resume(state: TrainState, args, info: DistInfo) -> int:
         return args.start_epoch
     load_state_dict_strict(state.model, ckpt["model"], f"{path} [model]")
     if "model_ema" in ckpt:
-        check_state_dict(state.model.state_dict(), ckpt["model_ema"], f"{path} [model_ema]", "EAR")
+        expected, source = state.model.state_dict(), f"{path} [model_ema]"
+        check_state_dict(expected, ckpt["model_ema"], source, "EAR")
+        check_values(expected, ckpt["model_ema"], source)
         state.ema.load_state_dict(ckpt["model_ema"])
     else:  # a checkpoint without EMA: restart the average from the loaded weights
         state.ema = EMA(state.model, args.ema_rate)
@@ -164,16 +167,18 @@ def train(state: TrainState, loader, to_tokens, decode, metrics, start_epoch: in
 def evaluate_checkpoint(model, tokenizer, metrics, args, info: DistInfo) -> None:
     """--evaluate: the EMA weights of a training checkpoint (no optimizer, no loss scaler), an
     exported folder or a Hub repo, at every (cfg, temperature) of the lists, loaded once."""
-    if info.is_main and not Path(args.resume).is_dir():
-        resolve(args.resume, args.revision)  # a Hub download: rank 0 first, then the others
-    barrier()
     try:
+        if not Path(args.resume).is_dir():  # a Hub download: rank 0 first, then the others
+            run_on_main(info.is_main, lambda: resolve(args.resume, args.revision),
+                        expected=(FileNotFoundError,))
         epoch = load_sampling_weights(model, args.resume, args, args.revision)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, MainRankFailed) as e:
         raise SystemExit(f"error: --evaluate needs a checkpoint (or exported weights): {e}") from None
-    except ValueError as e:  # the flags describe another network
+    except ConfigMismatch as e:
         raise SystemExit(f"error: {e}; pass the network's flags (its config.json or saved args) "
                          "or sample with sample_ear.py, which reads them") from None
+    except ValueError as e:  # a bad file: its name and the key are in the message
+        raise SystemExit(f"error: {e}") from None
     log_writer = None
     if info.is_main:
         from torch.utils.tensorboard import SummaryWriter

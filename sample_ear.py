@@ -60,27 +60,27 @@ def parse_args(argv=None) -> tuple:
 
 
 def load_checkpoint(args, given: dict) -> tuple:
-    """(model with the weights of --resume, its training settings, epoch)."""
+    """(model with the weights of --resume, its training settings, epoch). Every file is
+    checked, and the settings compared with the weights' shapes, before the network is built:
+    a bad file is a one-line error naming it and the key."""
     try:
         saved, state, epoch, source = pretrained.read(args.resume, args.revision, not args.no_ema)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: {e}") from None
-    settings = settings_from_checkpoint(saved)
-    shaping = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
-    try:
+        settings = settings_from_checkpoint(saved)
+        shaping = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
         check_same_config(saved, argparse.Namespace(**shaping), shaping, source)
-    except ValueError as e:
+        # Other settings of the network may change, e.g. the diffusion head's --num_sampling_steps.
+        overrides = {n: v for n, v in given.items() if n in network_settings(settings.head)
+                     and n not in shaping}
+        vars(settings).update({**shaping, **overrides})
+        pretrained.check_settings_fit(settings, state, source)
+        model = build_model(settings)
+        load_state_dict_strict(model, state, source)
+    except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    # Other settings of the network may change, e.g. the diffusion head's --num_sampling_steps.
-    overrides = {n: v for n, v in given.items() if n in network_settings(settings.head)
-                 and n not in shaping}
     ignored = sorted(set(given) - set(shaping) - set(overrides))
     if ignored:
         print(f"note: ignoring training flags {', '.join('--' + n for n in ignored)}: the network "
               f"comes from {source}")
-    vars(settings).update({**shaping, **overrides})
-    model = build_model(settings)
-    load_state_dict_strict(model, state, source)
     return model, settings, epoch
 
 

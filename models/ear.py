@@ -291,4 +291,24 @@ def named_model(model: str, head: str = "energy", **kwargs) -> EAR:
     return EAR(head=head, **{**named_sizes(model, head), **kwargs})
 
 
-ear_models = {name: partial(named_model, name) for name in MODEL_SIZES}
+# The reference's module-level constructors, so `from models.ear import ear_base` and
+# `models.ear.__dict__[args.model](**kwargs)` work as they do there.
+def ear_base(**kwargs) -> EAR:
+    return named_model("ear_base", **kwargs)
+
+
+def ear_large(**kwargs) -> EAR:
+    return named_model("ear_large", **kwargs)
+
+
+def ear_huge(**kwargs) -> EAR:
+    return named_model("ear_huge", **kwargs)
+
+
+def ear_tiny(**kwargs) -> EAR:
+    return named_model("ear_tiny", **kwargs)
+
+
+ear_models = {"ear_base": ear_base, "ear_large": ear_large, "ear_huge": ear_huge,
+              "ear_tiny": ear_tiny}
+assert set(ear_models) == set(MODEL_SIZES), "every named size needs its constructor above"

@@ -10,6 +10,7 @@ from PIL import Image
 
 from test_eval import SMALL, eval_args, inception_weights, trained  # noqa: F401 (fixtures)
 from conftest import run_script
+from util.images import npz_order
 from util.fid import ImageArray, InceptionMetrics, ReferenceBatch, extract_features, inception_extractor
 
 
@@ -133,13 +134,16 @@ def test_evaluate_sweeps_exports_npz_and_reports_precision_recall(trained, refer
         (0.7, 1.0), (0.7, 2.0), (1.0, 1.0), (1.0, 2.0)]
     for r in lines:
         assert {"fid", "is", "precision", "recall"} <= set(r) and 0 <= r["recall"] <= 1
-        # The ADM-format export holds exactly the PNGs, in index order.
+        # The ADM-format export holds exactly the PNGs, in the recorded permutation, and labels.
         with np.load(r["npz"]) as data:
-            assert list(data.files) == ["arr_0"]
-            arr = data["arr_0"]
-        assert arr.shape == (4, 32, 32, 3) and arr.dtype == np.uint8
+            assert list(data.files) == ["arr_0", "arr_1"]
+            arr, labels = data["arr_0"], data["arr_1"]
+        assert arr.shape == (4, 32, 32, 3) and arr.dtype == np.uint8 and labels.dtype == np.int64
+        order = npz_order(4, r["npz_permutation_seed"])
+        assert labels.tolist() == (order // 2).tolist()  # 2 images per class, in index order
         folder = tmp_path / ("samples-" + r["npz"].split("samples-")[1].rsplit("_", 1)[0])
-        assert np.array_equal(arr[3], np.asarray(Image.open(folder / "00003.png")))
+        for row, index in enumerate(order):
+            assert np.array_equal(arr[row], np.asarray(Image.open(folder / f"{index:05d}.png")))
     table = (tmp_path / "sweep-epoch0.md").read_text().splitlines()
     assert len(table) == 2 + 4 and "precision" in table[0] and "recall" in table[0]
     assert (tmp_path / "sweep-epoch0.png").stat().st_size > 1000
@@ -193,12 +197,3 @@ def test_exported_weights_sample_from_a_folder_and_from_the_hub(trained, random_
     assert uploads == [("create", "someone/ear-tiny", True),
                        ("upload", "someone/ear-tiny", ["config.json", "model.safetensors"])]
     assert "pushed to https://hub.example/commit/1" in capsys.readouterr().out
-
-
-def test_exported_weights_never_unpickle(tmp_path):
-    """A folder whose config names the export format but whose weights are a pickle is refused."""
-    from util import pretrained
-    (tmp_path / "config.json").write_text(json.dumps({"format": pretrained.FORMAT, "epoch": 0}))
-    torch.save({"w": torch.zeros(1)}, tmp_path / "model.safetensors")  # a pickle, not safetensors
-    with pytest.raises(ValueError, match="not a readable .safetensors file"):
-        pretrained.read(str(tmp_path))

@@ -67,6 +67,29 @@ def architecture_flags(head: str) -> tuple:
     return ("model", "tokenizer", "head", *shaping)
 
 
+def check_network_settings(settings, head: str, source) -> None:
+    """Each network setting in `settings` (a mapping read from a file: config.json, a
+    checkpoint's args) has its constructor's type: an int a whole number >= 0 (not a bool), a
+    float a finite number, a bool a bool. Raises ValueError naming the file and the key."""
+    import math
+    for cls in (EAR, HEADS[head]):
+        params = inspect.signature(cls.__init__).parameters
+        for name in cls.FLAGS:
+            if name not in settings:
+                continue
+            value, kind = settings[name], params[name].annotation
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            else:
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                      and math.isfinite(value))
+            if not ok:
+                what = {bool: "true or false", int: "a whole number >= 0"}.get(kind, "a finite number")
+                raise ValueError(f"{source}: {name} is {value!r}, expected {what}")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="ear_base", choices=sorted(MODEL_SIZES),

@@ -66,6 +66,10 @@ def load_training_checkpoint(path, mmap: bool = False) -> dict:
     return ckpt
 
 
+class ConfigMismatch(ValueError):
+    """The flags describe another network than the checkpoint's."""
+
+
 def check_same_config(saved: dict, current: argparse.Namespace, names, source) -> None:
     """The arguments that define the network must agree with the checkpoint's (those it has)."""
     if saved is None:
@@ -73,7 +77,7 @@ def check_same_config(saved: dict, current: argparse.Namespace, names, source) -
     diffs = [f"--{n} is {getattr(current, n)!r} here but {saved[n]!r} in the checkpoint"
              for n in names if n in saved and saved[n] != getattr(current, n)]
     if diffs:
-        raise ValueError(f"cannot use {source}: " + "; ".join(diffs))
+        raise ConfigMismatch(f"cannot use {source}: " + "; ".join(diffs))
 
 
 def open_checkpoint(folder, args: argparse.Namespace, model_args) -> tuple:

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from util.fid import frechet_distance
+from util.images import read_sample
 
 NUM_CLASSES = 10
 SIDE = 8
@@ -94,8 +94,8 @@ class DigitMetrics:
 
     def measure(self, folder, labels: np.ndarray, name: str) -> dict:
         self.check()
-        paths = sorted(Path(folder).glob("*.png"))
-        images = np.stack([np.asarray(Image.open(p).convert("L")) for p in paths])
+        # By index, not by name: as strings, 100000.png would sort before 10001.png.
+        images = np.stack([read_sample(folder, i, "L") for i in range(len(labels))])
         np.savez(self.output_dir / f"samples-{name}.npz", images=images, labels=labels)
         return {**self.classifier.quality(images, labels), "num_images": len(images),
                 "ceiling": self.classifier.ceiling()}

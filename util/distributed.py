@@ -102,16 +102,18 @@ class MainRankFailed(RuntimeError):
     pass
 
 
-def run_on_main(is_main: bool, fn):
+def run_on_main(is_main: bool, fn, expected: tuple = ()):
     """fn() on rank 0 alone, which gets its result (the others None); if it fails, every rank
     raises MainRankFailed with its error, so that no rank waits forever for one that failed
-    (rank 0 prints the traceback). Also a barrier."""
+    (rank 0 prints the traceback, except for the `expected` kinds of error, whose message says
+    it all). Also a barrier."""
     result, error = None, None
     if is_main:
         try:
             result = fn()
         except Exception as e:
-            traceback.print_exc()
+            if not isinstance(e, expected):
+                traceback.print_exc()
             error = f"{type(e).__name__}: {e}"
     error = all_gather_objects(error)[0]
     if error is not None:

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 from models.vae import AutoencoderKL  # noqa: E402
 from util.fid import DEFAULT_INCEPTION, INCEPTION_FILE, load_fid_stats  # noqa: E402
-from util.fileio import atomic_write  # noqa: E402
+from util.fileio import atomic_write, sha256  # noqa: E402
 from util.weights import load_state_dict_strict, read_weights  # noqa: E402
 
 VAE_REPO = "jadechoghari/mar"
@@ -45,14 +45,6 @@ FID_URL = "https://raw.githubusercontent.com/LTH14/mar/main/fid_stats/adm_in256_
 # precision/recall (and FD_DINOv2) compare the samples with.
 REF_BATCH_URL = ("https://openaipublic.blob.core.windows.net/diffusion/jul-2021/ref_batches/"
                  "imagenet/256/VIRTUAL_imagenet256_labeled.npz")
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_file(path: Path, source: str, size: int = None, digest: str = None) -> str:

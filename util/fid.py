@@ -179,7 +179,7 @@ class ReferenceBatch:
 
     def sha256(self) -> str:
         if self._sha256 is None:
-            from util.download import sha256
+            from util.fileio import sha256
             self._sha256 = sha256(self.path)
         return self._sha256
 

@@ -1,5 +1,6 @@
 """Writing files so that a crash never leaves half of one, with the permissions a user expects."""
 import errno
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -76,3 +77,12 @@ def remove_stale_temporaries(folder, name: str = "*") -> int:
         stale.unlink(missing_ok=True)
         removed += 1
     return removed
+
+
+def sha256(path) -> str:
+    """The SHA-256 of a file, read in 1 MiB chunks (a 1.6 GB reference batch never sits in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -31,28 +31,66 @@ def save_grid(images: np.ndarray, nrow: int, path, pad: int = 2) -> Path:
     return path
 
 
-def write_adm_npz(folder, num_images: int, stem) -> Path:
-    """The PNGs <folder>/00000.png ... as one `arr_0` uint8 (N, H, W, 3) array in an uncompressed
-    .npz, the file ADM's evaluation suite reads: <stem>_<N>x<H>x<W>x3.npz, written atomically.
-    Streams one image at a time (50,000 at 256px are 9.8 GB), so memory stays at one image."""
+def sample_file(folder, index: int) -> Path:
+    """Where evaluation keeps generated image number `index`: <folder>/<index, 5+ digits>.png."""
+    return Path(folder) / f"{index:05d}.png"
+
+
+def read_sample(folder, index: int, mode: str = None) -> np.ndarray:
+    """Generated image number `index` as uint8 (H, W) or (H, W, C); `mode` converts (PIL)."""
+    with Image.open(sample_file(folder, index)) as image:
+        return np.asarray(image.convert(mode) if mode else image)
+
+
+# Seed of the fixed permutation of an ADM `.npz` export: recorded in every evaluation result.
+NPZ_PERMUTATION_SEED = 0
+
+
+def npz_order(num_images: int, seed: int = NPZ_PERMUTATION_SEED) -> np.ndarray:
+    """The sample indices in the order an ADM `.npz` holds them: one fixed random permutation.
+
+    ADM's evaluator takes the Inception Score over consecutive splits of its `arr_0` without
+    shuffling; in class order each split would see a tenth of the classes and the score would
+    come out several times too low. Shuffled, every split sees nearly every class."""
+    return np.random.default_rng(seed).permutation(num_images)
+
+
+def write_adm_npz(folder, labels: np.ndarray, stem, seed: int = NPZ_PERMUTATION_SEED) -> Path:
+    """The PNGs <folder>/00000.png ... as the `.npz` ADM's evaluation suite reads, written
+    atomically to <stem>_<N>x<H>x<W>x3.npz:
+
+    - `arr_0`: uint8 (N, H, W, 3), the images in the order `npz_order(N, seed)`;
+    - `arr_1`: int64 (N,), the class id of each image of `arr_0` (`labels[i]` for image i).
+
+    Uncompressed, and streamed one image at a time (50,000 at 256 px are 9.8 GB), so memory
+    stays at one image. FID, sFID and precision/recall do not depend on the order."""
     import zipfile
 
     from util.fileio import atomic_write
-    folder = Path(folder)
-    first = np.asarray(Image.open(folder / "00000.png").convert("RGB"))
-    shape = (num_images, *first.shape)
+    labels = np.asarray(labels, dtype=np.int64)
+    order = npz_order(len(labels), seed)
+    first = read_sample(folder, 0, "RGB")
+    shape = (len(labels), *first.shape)
     path = Path(f"{stem}_{'x'.join(map(str, shape))}.npz")
 
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf, \
-                zf.open("arr_0.npy", "w", force_zip64=True) as npy:
+    def write_array(zf, name: str, dtype, array_shape, chunks) -> None:
+        with zf.open(f"{name}.npy", "w", force_zip64=True) as npy:
             np.lib.format.write_array_header_1_0(
-                npy, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
-                      "fortran_order": False, "shape": shape})
-            for i in range(num_images):
-                image = np.asarray(Image.open(folder / f"{i:05d}.png").convert("RGB"))
-                if image.shape != first.shape:
-                    raise ValueError(f"{folder / f'{i:05d}.png'}: shape {image.shape}, expected {first.shape}")
-                npy.write(np.ascontiguousarray(image).tobytes())
+                npy, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                      "fortran_order": False, "shape": array_shape})
+            for chunk in chunks:
+                npy.write(np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+
+    def images():
+        for i in order.tolist():
+            image = read_sample(folder, i, "RGB")
+            if image.shape != first.shape:
+                raise ValueError(f"{sample_file(folder, i)}: shape {image.shape}, expected {first.shape}")
+            yield image
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            write_array(zf, "arr_0", np.uint8, shape, images())
+            write_array(zf, "arr_1", np.int64, (len(labels),), [labels[order]])
     atomic_write(path, write)
     return path

@@ -52,8 +52,32 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, t
         raise ValueError(f"{source} does not match {owner}: " + "; ".join(problems))
 
 
+def check_values(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                 source: str) -> None:
+    """Every tensor of `given` can stand for the model's: floating point where the model's is
+    (an integer tensor would be truncated or misread, so it is refused), the same dtype where
+    the model's is not, and finite. Float tensors of another precision are cast on loading
+    (by `load_state_dict`); one line says so."""
+    cast = set()
+    for key, want in expected.items():
+        value = given[key]
+        if want.is_floating_point() != value.is_floating_point() or (
+                not want.is_floating_point() and value.dtype != want.dtype):
+            raise ValueError(f"{source}: {key} is {value.dtype}, expected {want.dtype}")
+        if want.is_floating_point():
+            if not bool(torch.isfinite(value).all()):
+                raise ValueError(f"{source}: {key} holds non-finite values (NaN or inf)")
+            if value.dtype != want.dtype:
+                cast.add((str(value.dtype), str(want.dtype)))
+    if cast:
+        print(f"note: {source}: " + ", ".join(f"{a} tensors cast to {b}" for a, b in sorted(cast)))
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
                            source: str) -> None:
-    """Load every tensor; any missing, unexpected or mis-shaped key is an error naming it."""
-    check_state_dict(module.state_dict(), state_dict, source, type(module).__name__)
+    """Load every tensor; any missing, unexpected or mis-shaped key, an integer tensor where
+    the model has a float one, or a non-finite value is an error naming the key."""
+    expected = module.state_dict()
+    check_state_dict(expected, state_dict, source, type(module).__name__)
+    check_values(expected, state_dict, source)
     module.load_state_dict(state_dict, strict=True)
