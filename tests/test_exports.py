@@ -7,19 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.npz_order import adm_inception_score  # ADM's consecutive-split IS
 from conftest import REPO
 from util.images import npz_order, write_adm_npz
-
-
-def adm_inception_score(preds: np.ndarray, splits: int = 10) -> float:
-    """ADM's evaluator: the Inception Score over *consecutive* splits of the softmax outputs
-    (N, K), in file order, no shuffling; the mean of exp(E_x KL(p(y|x) || p(y))) over splits."""
-    scores = []
-    for part in np.array_split(preds.astype(np.float64), splits):
-        py = part.mean(0, keepdims=True)
-        kl = (part * (np.log(part) - np.log(py))).sum(1).mean()
-        scores.append(np.exp(kl))
-    return float(np.mean(scores))
 
 
 def simulated_softmax(classes: np.ndarray, num_classes: int, seed: int) -> np.ndarray:

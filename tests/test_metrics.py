@@ -67,23 +67,27 @@ def test_reference_features_are_cached_with_their_source_hash(reference, incepti
     copy.write_bytes(batch.read_bytes())
     extractor = inception_extractor("cpu", inception_weights)
     ref = ReferenceBatch(copy)
-    first = ref.features(extractor, "2048", "cpu")
+
+    def features(batch_path, sha256=None):
+        return ReferenceBatch(batch_path).features(
+            "2048", sha256 or extractor.weights_sha256,
+            lambda images: extract_features(extractor, images, "cpu")["2048"])
+    first = features(copy)
     cache = tmp_path / "batch.2048.npz"
     with np.load(cache) as data:
         assert str(data["source_sha256"]) == ref.sha256()
         assert str(data["extractor_sha256"]) == extractor.weights_sha256
     stamp = cache.stat().st_mtime_ns
-    assert torch.equal(ReferenceBatch(copy).features(extractor, "2048", "cpu"), first)
+    assert torch.equal(features(copy), first)
     assert cache.stat().st_mtime_ns == stamp  # read from the cache, not recomputed
     # Another batch under the same name: the hash differs, the features are recomputed.
     with np.load(batch) as data:
         np.savez(copy, arr_0=data["arr_0"][::-1].copy(), mu=data["mu"], sigma=data["sigma"])
-    again = ReferenceBatch(copy).features(extractor, "2048", "cpu")
+    again = features(copy)
     assert torch.allclose(again, first.flip(0), atol=1e-5) and not torch.equal(again, first)
     # Another network (its weights' hash differs): recomputed too.
     stamp = cache.stat().st_mtime_ns
-    extractor.weights_sha256 = "0" * 64
-    ReferenceBatch(copy).features(extractor, "2048", "cpu")
+    features(copy, sha256="0" * 64)
     assert cache.stat().st_mtime_ns != stamp
     with np.load(cache) as data:
         assert str(data["extractor_sha256"]) == "0" * 64
@@ -98,23 +102,132 @@ def test_a_statistics_file_without_images_is_a_clear_error(tmp_path):
         ReferenceBatch(tmp_path / "VIRTUAL_imagenet256_labeled.npz").check()
 
 
-def test_fd_dinov2_through_torch_fidelitys_extractor(reference, inception_weights, monkeypatch):  # noqa: F811
-    """torch-fidelity takes DINOv2 from torch.hub (network): a small stand-in network here."""
-    batch, _, fake = reference
+class StandInDinoV2(torch.nn.Module):
+    """A small network in DINOv2's place (torch.hub would fetch the real one); keeps its inputs."""
 
-    class TinyViT(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.proj = torch.nn.Linear(3 * 4 * 4, 16)
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 4 * 4, 16)
+        self.inputs = []
 
-        def forward(self, x):
-            return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
+    def forward(self, x):
+        self.inputs.append(x)
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1))
 
+
+def dgm_eval_inputs(images: np.ndarray) -> torch.Tensor:
+    """dgm-eval's DINOv2 preprocessing written out directly: PIL bicubic to 224 x 224, [0, 1],
+    ImageNet mean and std, in float64."""
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    out = [(np.asarray(Image.fromarray(img).resize((224, 224), Image.BICUBIC)) / 255.0 - mean) / std
+           for img in images]
+    return torch.from_numpy(np.stack(out).transpose(0, 3, 1, 2))
+
+
+@pytest.fixture
+def stand_in_dinov2(monkeypatch):
     torch.manual_seed(0)
-    monkeypatch.setattr(torch.hub, "load", lambda repo, name: TinyViT())
-    result = InceptionMetrics(batch, inception_weights, "cpu", ref_batch=batch, fd_dinov2=True).measure(fake, None, "x")
-    assert np.isfinite(result["fd_dinov2"]) and result["fd_dinov2"] > 0
+    net = StandInDinoV2()
+    calls = []
+
+    def hub_load(repo, model):
+        calls.append((repo, model))
+        return net
+    monkeypatch.setattr(torch.hub, "load", hub_load)
+    return net, calls
+
+
+def test_fd_dinov2_as_dgm_eval_computes_it(reference, inception_weights, stand_in_dinov2):  # noqa: F811
+    """The network gets exactly dgm-eval's inputs (not torch-fidelity's un-antialiased resize),
+    and FD_DINOv2 is the Frechet distance of its outputs, against the reference batch."""
+    from util.fid import frechet_distance
+    batch, _, fake = reference
+    net, calls = stand_in_dinov2
+    result = InceptionMetrics(batch, inception_weights, "cpu", ref_batch=batch,
+                              fd_dinov2=True).measure(fake, None, "x")
+    assert calls == [("facebookresearch/dinov2", "dinov2_vitl14")]
+    with np.load(batch) as data:
+        real = data["arr_0"]
+    generated = np.stack([np.asarray(Image.open(p)) for p in sorted(fake.glob("*.png"))])
+    fed = torch.cat(net.inputs)
+    expected = torch.cat([dgm_eval_inputs(real), dgm_eval_inputs(generated)])
+    assert fed.shape == (len(real) + len(generated), 3, 224, 224)
+    assert torch.allclose(fed.double(), expected, atol=1e-5)
+    with torch.no_grad():
+        direct = frechet_distance(net(expected[len(real):].float()).numpy(),
+                                  net(expected[:len(real)].float()).numpy())
+    assert result["fd_dinov2"] == pytest.approx(direct, rel=1e-4) and result["fd_dinov2"] > 0
+    assert result["fd_dinov2_reference"] == str(batch)
     assert (batch.parent / f"{batch.stem}.dinov2.npz").is_file()
+
+
+def test_fd_dinov2_against_statistics_from_any_file(reference, inception_weights, stand_in_dinov2,  # noqa: F811
+                                                    tmp_path):
+    """mu/sigma of DINOv2 features from a file (e.g. a training set's) instead of the batch."""
+    from util.fid import fid_from_statistics
+    batch, _, fake = reference
+    net, _ = stand_in_dinov2
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(16, 1024))
+    stats = tmp_path / "train_dinov2.npz"
+    np.savez(stats, mu=a.mean(0), sigma=np.cov(a, rowvar=False), resolution=32)
+    net.proj = torch.nn.Linear(3 * 4 * 4, 1024)  # the real network's 1024 features
+    metrics = InceptionMetrics(batch, inception_weights, "cpu", fd_dinov2=True,
+                               dinov2_stats=stats, resolution=32)
+    result = metrics.measure(fake, None, "x")
+    generated = np.stack([np.asarray(Image.open(p)) for p in sorted(fake.glob("*.png"))])
+    with torch.no_grad():
+        gen = net(dgm_eval_inputs(generated).float()).double().numpy()
+    expected = fid_from_statistics(gen.mean(0), np.cov(gen, rowvar=False), a.mean(0), np.cov(a, rowvar=False))
+    assert result["fd_dinov2"] == pytest.approx(expected, rel=1e-4)
+    assert result["fd_dinov2_reference"] == str(stats) and "precision" not in result
+    np.savez(stats, mu=a.mean(0), sigma=np.cov(a, rowvar=False), resolution=64)
+    with pytest.raises(ValueError, match=r"--fd_dinov2_stats .*train_dinov2.npz is for 64x64 images "
+                                         r"but the samples are 32x32"):
+        InceptionMetrics(batch, inception_weights, "cpu", fd_dinov2=True, dinov2_stats=stats,
+                         resolution=32).check()
+
+
+def test_references_must_have_the_samples_resolution(reference, inception_weights, tmp_path, capsys):  # noqa: F811
+    """Refused before anything is generated: a reference batch of 32-px images or statistics
+    recorded at 256 px, against 64-px samples; statistics that do not say get a warning."""
+    batch, _, _ = reference
+    with pytest.raises(ValueError, match=r"--ref_batch .*VIRTUAL_like.npz is for 32x32 images but "
+                                         r"the samples are 64x64 \(--img_size\)"):
+        InceptionMetrics(batch, inception_weights, "cpu", ref_batch=batch, resolution=64).check()
+    stats = tmp_path / "stats256.npz"
+    np.savez(stats, mu=np.zeros(2048), sigma=np.eye(2048), resolution=256)
+    with pytest.raises(ValueError, match="stats256.npz is for 256x256 images but the samples are 64x64"):
+        InceptionMetrics(stats, inception_weights, "cpu", resolution=64).check()
+    capsys.readouterr()
+    InceptionMetrics(stats, inception_weights, "cpu", resolution=256).check()
+    assert "does not record the resolution" not in capsys.readouterr().err
+    InceptionMetrics(batch, inception_weights, "cpu", resolution=32).check()  # ADM's: no entry
+    assert "--fid_stats" in capsys.readouterr().err
+
+
+def test_features_are_computed_in_full_float32(reference, inception_weights, monkeypatch):  # noqa: F811
+    """TF32 is off for convolutions and matmuls while features are computed, and restored after."""
+    import util.fid as fid
+    batch, _, fake = reference
+    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    before = [b.fp32_precision for b in backends]
+    seen = []
+    original = fid.extract_features
+
+    def spy(*args, **kwargs):
+        seen.append([b.fp32_precision for b in backends])
+        return original(*args, **kwargs)
+    monkeypatch.setattr(fid, "extract_features", spy)
+    torch.backends.cudnn.conv.fp32_precision = "tf32"  # PyTorch's default for convolutions
+    try:
+        result = InceptionMetrics(batch, inception_weights, "cpu", ref_batch=batch).measure(fake, None, "x")
+        assert [b.fp32_precision for b in backends] == ["tf32", before[1]]
+    finally:
+        for b, value in zip(backends, before):
+            b.fp32_precision = value
+    assert seen and all(s == ["ieee", "ieee"] for s in seen)
+    assert result["feature_precision"] == "fp32 (TF32 off)"
 
 
 def test_evaluate_sweeps_exports_npz_and_reports_precision_recall(trained, reference, random_vae_ckpt,  # noqa: F811

@@ -121,6 +121,10 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data_path", default="./data/imagenet",
                    help="dataset root; training images in <data_path>/train/<class>/<image>")
     g.add_argument("--cached_path", default="", help="folder of cached VAE latents (main_cache.py)")
+    g.add_argument("--classes", default="",
+                   help="train and evaluate on these classes only, relabelled 0..k-1 in this order "
+                        "(--class_num k): comma-separated class indices (sorted folder order; "
+                        "digits: 5,6,7,8,9) or folder names; outputs keep the dataset's ids")
     g.add_argument("--batch_size", type=int, default=32, help="images per process and step")
     g.add_argument("--num_workers", type=int, default=10, help="data-loading worker processes")
     g.add_argument("--pin_mem", action="store_true", default=True,
@@ -230,6 +234,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--resume", default="",
                    help="folder holding checkpoint-last.pth to continue from (none there: start fresh)")
     g.add_argument("--start_epoch", type=int, default=0, help="first epoch when not resuming")
+    g = p.add_argument_group("fine-tuning (util/finetune.py)")
+    g.add_argument("--finetune", default="",
+                   help="start from these weights (not resuming them): a folder with "
+                        "checkpoint-last.pth, an exported folder or a Hub repo id (--revision); "
+                        "--class_num and --img_size may differ. A checkpoint in --resume wins")
+    g.add_argument("--finetune_raw", action="store_true",
+                   help="with --finetune: the raw weights instead of the EMA")
+    g.add_argument("--freeze", default="none", choices=["none", "transformer"],
+                   help="transformer: train only the head and the class embedding")
     g.add_argument("--save_last_freq", type=int, default=5,
                    help="write checkpoint-last.pth every this many epochs (and at the end)")
     g.add_argument("--print_freq", type=int, default=20, help="log every this many steps")
@@ -254,10 +267,14 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="ADM's reference batch, real images in `arr_0` (python util/download.py "
                         "--ref_batch); its features are cached beside it")
     g.add_argument("--fd_dinov2", action="store_true",
-                   help="also the Frechet distance in DINOv2 features to --ref_batch (torch-fidelity "
-                        "fetches DINOv2 from torch.hub: needs network)")
+                   help="also FD_DINOv2 as dgm-eval computes it (DINOv2 ViT-L/14 from torch.hub: "
+                        "needs network once), against --fd_dinov2_stats or else --ref_batch's images")
+    g.add_argument("--fd_dinov2_stats", default="",
+                   help="mu/sigma .npz of DINOv2 features to compare with (e.g. of the training "
+                        "set, as EDM2 reports FD_DINOv2; main_stats.py --fd_dinov2 writes one)")
     g.add_argument("--revision", default=None,
-                   help="with --evaluate and a Hub repo id in --resume: the branch, tag or commit")
+                   help="with a Hub repo id in --resume (--evaluate) or --finetune: the branch, "
+                        "tag or commit")
     g.add_argument("--save_npz", action="store_true",
                    help="also write the samples as one ADM-format .npz (arr_0 uint8 (N, H, W, 3))")
     g.add_argument("--keep_samples", action="store_true",

@@ -55,9 +55,9 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     if not args.cfg or not args.infer_temperature or min(args.infer_temperature) <= 0:
         raise SystemExit(f"error: --cfg and --infer_temperature need values, the temperatures "
                          f"positive; got {args.cfg} and {args.infer_temperature}")
-    if args.fd_dinov2 and not args.precision_recall:
-        raise SystemExit("error: --fd_dinov2 compares with the images of --ref_batch: pass "
-                         "--precision_recall too")
+    if args.fd_dinov2 and not (args.fd_dinov2_stats or args.precision_recall):
+        raise SystemExit("error: --fd_dinov2 needs a reference: --fd_dinov2_stats (mu/sigma of "
+                         "DINOv2 features) or --precision_recall (the images of --ref_batch)")
     if (args.evaluate or args.online_eval) and args.num_images % args.class_num:
         raise SystemExit(f"error: --num_images {args.num_images} must be a multiple of "
                          f"--class_num {args.class_num} (the same number of images per class)")
@@ -199,5 +199,6 @@ def build_metrics(args, info: DistInfo):
         return DigitMetrics(args.output_dir)
     from util.fid import InceptionMetrics
     return InceptionMetrics(args.fid_stats, args.inception_weights, info.device,
-                            args.ref_batch if args.precision_recall else None, args.fd_dinov2)
+                            args.ref_batch if args.precision_recall else None, args.fd_dinov2,
+                            args.fd_dinov2_stats, resolution=args.img_size)
 

@@ -109,8 +109,10 @@ def fetch_inception(dest=DEFAULT_INCEPTION, url=None) -> Path:
     return dest
 
 
-def fetch_fid_stats(dest="fid_stats/adm_in256_stats.npz", url=FID_URL, expected_sha256=None) -> Path:
-    """Download the statistics, check them, and keep only `mu` and `sigma` at `dest`."""
+def fetch_fid_stats(dest="fid_stats/adm_in256_stats.npz", url=FID_URL, expected_sha256=None,
+                    resolution: int = None) -> Path:
+    """Download the statistics, check them, and keep `mu` and `sigma` at `dest`, with the
+    `resolution` they are for when it is known (evaluation then checks the samples')."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
@@ -119,7 +121,8 @@ def fetch_fid_stats(dest="fid_stats/adm_in256_stats.npz", url=FID_URL, expected_
         if expected_sha256 and digest != expected_sha256:
             raise ValueError(f"{url}: sha256 {digest} does not match the expected {expected_sha256}")
         mu, sigma = load_fid_stats(raw)
-    atomic_write(dest, lambda f: np.savez(f, mu=mu, sigma=sigma))
+    known = {} if resolution is None else {"resolution": np.int64(resolution)}
+    atomic_write(dest, lambda f: np.savez(f, mu=mu, sigma=sigma, **known))
     print(f"{dest}: from {url} (sha256 {digest}); mu {mu.shape}, sigma {sigma.shape}")
     return dest
 
@@ -153,6 +156,8 @@ def main(argv=None) -> None:
     p.add_argument("--vae_dir", default="pretrained_models/vae")
     p.add_argument("--fid_dest", default="fid_stats/adm_in256_stats.npz")
     p.add_argument("--fid_url", default=FID_URL)
+    p.add_argument("--fid_resolution", type=int, default=256,
+                   help="image side the statistics are for, recorded in the file (ADM's: 256)")
     p.add_argument("--fid_sha256", default=None, help="expected SHA-256 of the statistics download")
     p.add_argument("--ref_batch_sha256", default=None,
                    help="expected SHA-256 of the reference batch download")
@@ -161,7 +166,7 @@ def main(argv=None) -> None:
     if args.vae or everything:
         fetch_vae(args.vae_dir)
     if args.fid_stats or everything:
-        fetch_fid_stats(args.fid_dest, args.fid_url, args.fid_sha256)
+        fetch_fid_stats(args.fid_dest, args.fid_url, args.fid_sha256, args.fid_resolution)
     if args.inception or everything:
         fetch_inception()
     if args.ref_batch:

@@ -1,4 +1,5 @@
 """FID reference statistics: the 2048-d Inception pool-feature mean `mu` and covariance `sigma`."""
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -8,12 +9,12 @@ FEATURE_DIM = 2048
 IS_SPLITS = 10
 
 
-def load_fid_stats(path, fetch_hint: str = "python util/download.py --fid_stats") -> tuple:
-    """(mu (2048,), sigma (2048, 2048)) as float64 from an .npz holding `mu` and `sigma`
-    (ADM's VIRTUAL_imagenet256_labeled.npz qualifies too); anything else is a clear error."""
+def load_stats(path, dim: int = FEATURE_DIM, fetch_hint: str = "python util/download.py --fid_stats") -> tuple:
+    """(mu (dim,), sigma (dim, dim)) as float64 from an .npz holding `mu` and `sigma` (ADM's
+    VIRTUAL_imagenet256_labeled.npz qualifies too); anything else is a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"FID statistics {path} not found; fetch them with `{fetch_hint}`")
+        raise FileNotFoundError(f"statistics {path} not found; fetch them with `{fetch_hint}`")
     try:
         data = np.load(path)
     except Exception as e:  # garbage, a pickle, a truncated download ...
@@ -28,12 +29,70 @@ def load_fid_stats(path, fetch_hint: str = "python util/download.py --fid_stats"
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
         except Exception as e:
             raise ValueError(f"{path}: cannot read mu/sigma ({e})") from e
-    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-        raise ValueError(f"{path}: expected mu ({FEATURE_DIM},) and sigma ({FEATURE_DIM}, "
-                         f"{FEATURE_DIM}), found {mu.shape} and {sigma.shape}")
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+        raise ValueError(f"{path}: expected mu ({dim},) and sigma ({dim}, {dim}), found "
+                         f"{mu.shape} and {sigma.shape}")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise ValueError(f"{path}: mu/sigma contain non-finite values")
     return mu, sigma
+
+
+def load_fid_stats(path, fetch_hint: str = "python util/download.py --fid_stats") -> tuple:
+    """The Inception statistics (2048-d) of `path`: see `load_stats`."""
+    return load_stats(path, FEATURE_DIM, fetch_hint)
+
+
+def stats_resolution(path):
+    """The image side the statistics of `path` were computed at (its `resolution` entry, which
+    the files we write carry), or None where the file does not say."""
+    with np.load(path) as data:
+        if "resolution" not in data.files:
+            return None
+        try:
+            return int(data["resolution"])
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}: `resolution` must be one whole number, found "
+                             f"{data['resolution']!r}") from None
+
+
+def npz_array_shape(path, name: str) -> tuple:
+    """The shape of array `name` in an .npz, read from its header (a 1.6 GB reference batch is
+    not loaded to learn its resolution)."""
+    import zipfile
+    with zipfile.ZipFile(path) as zf, zf.open(f"{name}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                       else np.lib.format.read_array_header_2_0)
+        shape, _, _ = read_header(f)
+    return shape
+
+
+def check_resolution(source: str, found, resolution) -> None:
+    """Samples of side `resolution` can only be compared with a reference at the same side."""
+    if resolution is not None and found is not None and found != resolution:
+        raise ValueError(f"{source} is for {found}x{found} images but the samples are "
+                         f"{resolution}x{resolution} (--img_size): measure against a reference "
+                         "at the samples' resolution")
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Features in full float32: TF32 off for cuDNN convolutions and CUDA matmuls while they
+    are computed (PyTorch leaves TF32 on for convolutions by default, so on Ampere and later
+    GPUs Inception would run at a 10-bit mantissa), restored afterwards. Recorded in every
+    result as `feature_precision`."""
+    backends = (torch.backends.cudnn.conv, torch.backends.cuda.matmul)
+    saved = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
+
+
+FEATURE_PRECISION = "fp32 (TF32 off)"
 
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -103,20 +162,49 @@ def inception_extractor(device, weights_path=None):
     return extractor.to(torch.device(device))
 
 
-def dinov2_extractor(device, name: str = "dinov2-vit-l-14"):
-    """torch-fidelity's DINOv2 network (ViT-L/14, as the FD_DINOv2 literature uses). torch-fidelity
-    takes it from torch.hub (the facebookresearch/dinov2 repository: code and weights from the
-    network, with no offline path), so this needs network and trusts that repository."""
-    import hashlib
+# FD_DINOv2 as dgm-eval computes it (the numbers EDM2 and later papers publish): ViT-L/14 from
+# torch.hub, the CLS token after the final norm (the hub model's output), 1024-d.
+DINOV2_REPO, DINOV2_MODEL, DINOV2_DIM, DINOV2_SIDE = "facebookresearch/dinov2", "dinov2_vitl14", 1024, 224
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-    from torch_fidelity.utils import create_feature_extractor
-    extractor = create_feature_extractor(name, ["dinov2"], cuda=False, verbose=False)
-    h = hashlib.sha256(name.encode())
-    for key, value in extractor.state_dict().items():
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().numpy().tobytes())
-    extractor.weights_sha256 = h.hexdigest()
-    return extractor.to(torch.device(device))
+
+def dinov2_inputs(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) -> float32 (B, 3, 224, 224) as dgm-eval feeds DINOv2: PIL's
+    bicubic resize (which antialiases when it shrinks) to 224 x 224, scaled to [0, 1],
+    normalised with ImageNet's mean and std. (torch-fidelity resizes without antialiasing, which
+    changes the inputs by 0.45-2.2 levels on 256-px photos: its FD_DINOv2 is not comparable.)"""
+    from PIL import Image
+    resized = np.stack([np.asarray(Image.fromarray(img.permute(1, 2, 0).cpu().numpy())
+                                   .resize((DINOV2_SIDE, DINOV2_SIDE), Image.BICUBIC))
+                        for img in images])
+    x = torch.from_numpy(resized).permute(0, 3, 1, 2).float() / 255
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+class DinoV2Features:
+    """dgm-eval's FD_DINOv2 feature network. torch.hub fetches its code and weights from the
+    facebookresearch/dinov2 repository (needs network once; torch.hub caches both), so this
+    trusts that repository. `weights_sha256` keys cached reference features."""
+
+    def __init__(self, device):
+        import hashlib
+        net = torch.hub.load(DINOV2_REPO, DINOV2_MODEL)
+        h = hashlib.sha256(DINOV2_MODEL.encode())
+        for key, value in net.state_dict().items():
+            h.update(key.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        self.weights_sha256 = h.hexdigest()
+        self.device = torch.device(device)
+        self.net = net.eval().to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, dataset, batch_size: int = 64) -> torch.Tensor:
+        """Features (N, 1024) of a dataset of uint8 (3, H, W) images."""
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        return torch.cat([self.net(dinov2_inputs(batch).to(self.device)).float().cpu()
+                          for batch in loader])
 
 
 class ImageArray(torch.utils.data.Dataset):
@@ -146,10 +234,15 @@ def folder_images(folder):
     return prepare_input_from_id(1, input1=str(folder), samples_find_ext="png", verbose=False)
 
 
+def gaussian(features: np.ndarray) -> tuple:
+    """(mean, covariance) of features (N, F), in float64."""
+    features = np.asarray(features, np.float64)
+    return features.mean(0), np.cov(features, rowvar=False)
+
+
 def frechet_distance(a, b) -> float:
     """Frechet distance between Gaussians fit to two feature sets (N, F)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return fid_from_statistics(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    return fid_from_statistics(*gaussian(a), *gaussian(b))
 
 
 FETCH_REF_BATCH = "python util/download.py --ref_batch"
@@ -192,16 +285,26 @@ class ReferenceBatch:
                              f"{images.dtype} {images.shape}")
         return images
 
-    def features(self, extractor, feature: str, device):
-        """The reference images' `feature` (N, F) from `extractor`, cached as described."""
+    def resolution(self) -> int:
+        """The side of the reference images (from `arr_0`'s header, without loading it)."""
+        self.check()
+        shape = npz_array_shape(self.path, "arr_0")
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+            raise ValueError(f"{self.path}: `arr_0` must be square RGB images (N, H, W, 3), "
+                             f"found shape {shape}")
+        return shape[1]
+
+    def features(self, feature: str, extractor_sha256: str, compute) -> torch.Tensor:
+        """The reference images' `feature` (N, F), `compute(dataset)` on first use and cached
+        as described."""
         from util.fileio import atomic_write
         cache = self.path.with_name(f"{self.path.stem}.{feature}.npz")
-        key = {"source_sha256": self.sha256(), "extractor_sha256": extractor.weights_sha256}
+        key = {"source_sha256": self.sha256(), "extractor_sha256": extractor_sha256}
         if cache.is_file():
             with np.load(cache) as data:
                 if all(str(data[k]) == v for k, v in key.items()):
                     return torch.from_numpy(data["features"])
-        features = extract_features(extractor, ImageArray(self.images()), device)[feature]
+        features = compute(ImageArray(self.images()))
         atomic_write(cache, lambda f: np.savez(f, features=features.numpy(), **key))
         return features
 
@@ -209,40 +312,78 @@ class ReferenceBatch:
 class InceptionMetrics:
     """`evaluate()` metrics for ImageNet, from one Inception pass over the samples: FID against
     reference statistics, IS, and, with a reference batch, precision and recall (k = 3, as ADM's
-    evaluator; torch-fidelity's implementation). With fd_dinov2, also the Frechet distance in
-    DINOv2 features to the reference batch. Everything is loaded, and the reference features
-    computed, once, by `check()`, before anything is generated."""
+    evaluator; torch-fidelity's implementation). With fd_dinov2, also FD_DINOv2 as dgm-eval
+    computes it, against `dinov2_stats` (mu/sigma of DINOv2 features, e.g. of a training set, as
+    EDM2 reports it) or else the reference batch's images. Every result names its references.
 
-    def __init__(self, stats_path, weights_path, device, ref_batch=None, fd_dinov2: bool = False):
+    Everything is loaded, the references' resolutions compared with the samples' (`resolution`),
+    and the reference features computed, once, by `check()`, before anything is generated.
+    Features are computed in full float32 (`exact_float32`)."""
+
+    def __init__(self, stats_path, weights_path, device, ref_batch=None, fd_dinov2: bool = False,
+                 dinov2_stats=None, resolution: int = None):
         self.stats_path, self.weights_path, self.device = stats_path, weights_path, device
         self.ref_batch = ReferenceBatch(ref_batch) if ref_batch else None
-        self.fd_dinov2 = fd_dinov2
+        self.fd_dinov2, self.dinov2_stats, self.resolution = fd_dinov2, dinov2_stats, resolution
         self.reference = self.extractor = None
 
+    def check_stats_resolution(self, path, flag: str) -> None:
+        import sys
+        found = stats_resolution(path)
+        check_resolution(f"{flag} {path}", found, self.resolution)
+        if found is None and self.resolution is not None:
+            print(f"warning: {flag} {path} does not record the resolution it was computed at; "
+                  f"it must be {self.resolution}x{self.resolution}, the samples' (--img_size)",
+                  file=sys.stderr)
+
     def check(self) -> None:
-        """Fail before generating anything if something the metrics need is unavailable."""
+        """Fail before generating anything if something the metrics need is unavailable or
+        does not match the samples."""
         if self.extractor is not None:
             return
         self.reference = load_fid_stats(self.stats_path)
+        self.check_stats_resolution(self.stats_path, "--fid_stats")
         if self.ref_batch is not None:
-            self.ref_batch.check()
+            check_resolution(f"--ref_batch {self.ref_batch.path}", self.ref_batch.resolution(),
+                             self.resolution)
+        if self.fd_dinov2 and self.dinov2_stats:
+            self.dinov2_reference = load_stats(self.dinov2_stats, DINOV2_DIM,
+                                               "python main_stats.py ... --fd_dinov2")
+            self.check_stats_resolution(self.dinov2_stats, "--fd_dinov2_stats")
         extractor = inception_extractor(self.device, self.weights_path)
-        if self.ref_batch is not None:
-            self.ref_pool = self.ref_batch.features(extractor, "2048", self.device)
+        with exact_float32():
+            if self.ref_batch is not None:
+                self.ref_pool = self.ref_batch.features(
+                    "2048", extractor.weights_sha256,
+                    lambda images: extract_features(extractor, images, self.device)["2048"])
             if self.fd_dinov2:
-                self.dinov2 = dinov2_extractor(self.device)
-                self.ref_dinov2 = self.ref_batch.features(self.dinov2, "dinov2", self.device)
+                self.dinov2 = DinoV2Features(self.device)
+                if not self.dinov2_stats:
+                    self.dinov2_reference = gaussian(self.ref_batch.features(
+                        "dinov2", self.dinov2.weights_sha256, self.dinov2).numpy())
         self.extractor = extractor
 
+    def references(self) -> dict:
+        """What each number was measured against, for the JSON line."""
+        refs = {"fid_reference": str(self.stats_path)}
+        if self.ref_batch is not None:
+            refs["precision_recall_reference"] = str(self.ref_batch.path)
+        if self.fd_dinov2:
+            refs["fd_dinov2_reference"] = str(self.dinov2_stats or self.ref_batch.path)
+        return refs
+
     def measure(self, folder, labels, name: str) -> dict:
+        self.check()
+        with exact_float32():
+            result = self.scores(folder_images(folder))
+        return {**result, **self.references(), "feature_precision": FEATURE_PRECISION}
+
+    def scores(self, images) -> dict:
         from torch_fidelity.metric_isc import (KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD,
                                                isc_featuresdict_to_metric)
         from torch_fidelity.metric_prc import prc_features_to_metric
-        self.check()
-        images = folder_images(folder)
         feats = extract_features(self.extractor, images, self.device)
-        pool = feats["2048"].double().numpy()
-        result = {"fid": fid_from_statistics(pool.mean(0), np.cov(pool, rowvar=False), *self.reference)}
+        result = {"fid": fid_from_statistics(*gaussian(feats["2048"].numpy()), *self.reference)}
         # The standard 10 splits; fewer images than that would leave splits empty (IS = NaN).
         splits = min(IS_SPLITS, len(images))
         isc = isc_featuresdict_to_metric(feats, "logits_unbiased", isc_splits=splits,
@@ -255,9 +396,9 @@ class InceptionMetrics:
                                          prc_neighborhood=3, prc_batch_size=10000,
                                          save_cpu_ram=True, verbose=False)
             result.update({"precision": prc["precision"], "recall": prc["recall"]})
-            if self.fd_dinov2:
-                gen = extract_features(self.dinov2, images, self.device)["dinov2"]
-                result["fd_dinov2"] = frechet_distance(gen.numpy(), self.ref_dinov2.numpy())
+        if self.fd_dinov2:
+            result["fd_dinov2"] = fid_from_statistics(*gaussian(self.dinov2(images).numpy()),
+                                                      *self.dinov2_reference)
         return {**result, "num_images": len(images)}
 
     # The sweep plot's axes: FID against IS.
