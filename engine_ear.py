@@ -13,7 +13,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.heads import HEADS
-from util.builders import TrainState
+from util.builders import TrainState, dataset_class_ids
 from util.distributed import MainRankFailed, barrier, run_on_main
 from util.images import (NPZ_PERMUTATION_SEED, read_sample, sample_file, save_grid, save_png,
                           to_uint8, write_adm_npz)
@@ -262,10 +262,12 @@ def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds:
     grid = np.stack([read_sample(folder, i) for i in grid_indices(args.num_images, args.class_num)])
     grid = grid[..., None] if grid.ndim == 3 else grid
     grid_path = save_grid(grid, min(10, args.num_images // args.class_num), out / f"grid-{name}.png")
-    labels = balanced_labels(args.num_images, args.class_num).numpy()
+    # Scores, the .npz and the JSON line speak of the dataset's classes (--classes relabels).
+    labels = dataset_class_ids(args, balanced_labels(args.num_images, args.class_num).numpy())
     measured = metrics.measure(folder, labels, name)
     result = {"epoch": epoch, "model": args.model, "head": args.head,
               **head_sampling_settings(args), **point, "cfg_schedule": args.cfg_schedule,
+              **({"classes": args.dataset_classes} if getattr(args, "dataset_classes", None) else {}),
               "num_iter": args.num_iter, **measured, "seconds_per_image": seconds,
               "grid": str(grid_path)}
     if args.save_npz:

@@ -20,14 +20,16 @@ from engine_ear import (MetricsUnavailable, NonFiniteLoss, TokenBatches, all_ran
                         check_metric_inputs, evaluate, train_one_epoch)
 from util.args import architecture_flags, train_parser
 from util.builders import (TrainState, build_dataset, build_loader, build_metrics, build_model,
-                           build_train_state, make_tokenizer, resolve_args)
+                           build_train_state, class_folders, make_tokenizer, resolve_args,
+                           resolve_classes)
 from util.checkpoint import (CHECKPOINT_NAME, ConfigMismatch, open_checkpoint,
                              save_training_checkpoint)
 from util.distributed import (DistInfo, MainRankFailed, ReplicasDiffer, check_replicas_in_sync,
-                              cleanup, init_distributed, run_on_main)
+                              cleanup, init_distributed)
 from util.fileio import atomic_write
+from util.finetune import freeze, load_finetune_weights
 from util.optim import EMA, load_optimizer_state
-from util.pretrained import load_sampling_weights, resolve
+from util.pretrained import download_on_main_first, load_sampling_weights
 from util.sweep import write_sweep
 from util.weights import check_state_dict, check_values, load_state_dict_strict
 
@@ -36,7 +38,9 @@ def resume(state: TrainState, args, info: DistInfo) -> int:
     """Restore from <resume>/checkpoint-last.pth if present; return the epoch to start at."""
     path, ckpt = open_checkpoint(args.resume, args, architecture_flags(args.head))
     if ckpt is None:
-        if path is not None and info.is_main:
+        if args.finetune:
+            finetune(state, args, info)
+        elif path is not None and info.is_main:
             print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
         return args.start_epoch
     load_state_dict_strict(state.model, ckpt["model"], f"{path} [model]")
@@ -58,6 +62,21 @@ def resume(state: TrainState, args, info: DistInfo) -> int:
         print(f"resumed from {path} (epoch {ckpt['epoch']})")
         forget_logged_epochs_after(Path(args.output_dir) / "log.txt", ckpt["epoch"])
     return ckpt["epoch"] + 1
+
+
+def finetune(state: TrainState, args, info: DistInfo) -> None:
+    """--finetune: the weights of another run (adapted to --class_num / --img_size), with a
+    fresh optimizer, loss scaler, epoch and EMA (started from the loaded weights)."""
+    try:
+        download_on_main_first(args.finetune, args.revision, info.is_main)
+        source, epoch, notes = load_finetune_weights(state.model, args)
+    except (FileNotFoundError, ValueError, MainRankFailed) as e:
+        raise SystemExit(f"error: --finetune: {e}") from None
+    state.ema = EMA(state.model, args.ema_rate)
+    if info.is_main:
+        print(f"fine-tuning from {source} (its epoch {epoch}); optimizer, epoch and EMA start anew")
+        for note in notes:
+            print(f"  {note}")
 
 
 def forget_logged_epochs_after(log: Path, epoch: int) -> None:
@@ -168,9 +187,7 @@ def evaluate_checkpoint(model, tokenizer, metrics, args, info: DistInfo) -> None
     """--evaluate: the EMA weights of a training checkpoint (no optimizer, no loss scaler), an
     exported folder or a Hub repo, at every (cfg, temperature) of the lists, loaded once."""
     try:
-        if not Path(args.resume).is_dir():  # a Hub download: rank 0 first, then the others
-            run_on_main(info.is_main, lambda: resolve(args.resume, args.revision),
-                        expected=(FileNotFoundError,))
+        download_on_main_first(args.resume, args.revision, info.is_main)
         epoch = load_sampling_weights(model, args.resume, args, args.revision)
     except (FileNotFoundError, MainRankFailed) as e:
         raise SystemExit(f"error: --evaluate needs a checkpoint (or exported weights): {e}") from None
@@ -197,10 +214,13 @@ def main(args: argparse.Namespace) -> None:
     if info.is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model = build_model(args).to(info.device)
+    frozen = freeze(model, args.freeze)  # before DDP, which registers only what trains
     sampling = args.evaluate or args.online_eval
     tokenizer = make_tokenizer(args, info.device, load=sampling or not args.use_cached)
     metrics = build_metrics(args, info)
     if args.evaluate:
+        if args.classes:
+            resolve_classes(args, class_folders(args))
         try:
             evaluate_checkpoint(model, tokenizer, metrics, args, info)
         except (MetricsUnavailable, MainRankFailed) as e:
@@ -223,6 +243,10 @@ def main(args: argparse.Namespace) -> None:
             raise SystemExit(f"[rank {info.rank}] error: {e}") from None
     if info.is_main:
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        if frozen:
+            print(f"--freeze {args.freeze}: {len(frozen)} tensors fixed, "
+                  f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
+                  "parameters train")
         print(f"{args.model} with the {args.head} head: {n_params:.2f}M parameters; "
               f"{info.world_size} process(es) on {info.device}; {state.precision}; lr {args.lr:.2e}; "
               f"epochs {start_epoch}..{args.epochs - 1}")

@@ -203,6 +203,32 @@ def cache_parser() -> argparse.ArgumentParser:
     return p
 
 
+def stats_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="FID statistics and a reference batch of an image folder (ImageNet layout), "
+                    "as evaluation measures samples: one .npz with mu, sigma, arr_0, resolution.")
+    g = p.add_argument_group("images")
+    g.add_argument("--data_path", required=True,
+                   help="dataset root; images in <data_path>/train/<class>/<image>")
+    g.add_argument("--img_size", type=int, default=256,
+                   help="ADM centre crop to this side: the samples' resolution")
+    g.add_argument("--classes", default="", help="only these classes (as main_ear.py --classes)")
+    g.add_argument("--batch_size", type=int, default=64, help="images per process and batch")
+    g.add_argument("--num_workers", type=int, default=10, help="image-decoding worker processes")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help=".npz to write (e.g. fid_stats/mydata_256.npz)")
+    g.add_argument("--ref_images", type=int, default=10000,
+                   help="images kept as the reference batch arr_0 (a seeded random subset; "
+                        "0: none)")
+    g.add_argument("--inception_weights", default="",
+                   help="torch-fidelity Inception weights file (python util/download.py --inception)")
+    g.add_argument("--fd_dinov2", action="store_true",
+                   help="also mu/sigma of DINOv2 features (dgm-eval's), as <out stem>_dinov2.npz "
+                        "for --fd_dinov2_stats (torch.hub: needs network once)")
+    add_system_args(p)
+    return p
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=400)

@@ -7,9 +7,11 @@ Every builder reads a settings mapping or an `argparse.Namespace` of the trainin
 """
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from typing import Mapping
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
@@ -62,6 +64,7 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
         raise SystemExit(f"error: --num_images {args.num_images} must be a multiple of "
                          f"--class_num {args.class_num} (the same number of images per class)")
     fill_named_sizes(args)
+    args.dataset_classes = None  # --classes as indices: set where the dataset's classes are known
     args.world_size = info.world_size
     if args.lr is None:  # linear scaling rule on the global batch
         args.lr = args.blr * args.batch_size * info.world_size * args.accumulation_steps / 256
@@ -104,7 +107,7 @@ def build_dataset(args, tokenizer):
     --class_num. The datasets' `channels` are those of their images."""
     from torchvision.datasets import ImageFolder
 
-    from util.loader import CachedFolder, image_transform, load_rgb, train_folder
+    from util.loader import CachedFolder, ClassSubset, image_transform, load_rgb, train_folder
     if args.dataset == "digits":
         from util.digits import DigitsDataset
         dataset, source = DigitsDataset(), "--dataset digits"
@@ -126,6 +129,9 @@ def build_dataset(args, tokenizer):
         dataset = ImageFolder(folder, image_transform(args.img_size, random_flip=True), loader=load_rgb)
         dataset.channels = 3  # load_rgb gives RGB
         source = f"--data_path {args.data_path}"
+    if args.classes:
+        dataset = ClassSubset(dataset, resolve_classes(args, dataset.classes))
+        source += f" --classes {args.classes}"
     if not args.use_cached and dataset.channels != tokenizer.image_channels:
         raise SystemExit(f"error: {source} has {dataset.channels}-channel images but --tokenizer "
                          f"{args.tokenizer} takes {tokenizer.image_channels}: with the pixel "
@@ -134,6 +140,37 @@ def build_dataset(args, tokenizer):
         raise SystemExit(f"error: {source} has {len(dataset.classes)} class folders but --class_num "
                          f"is {args.class_num}")
     return dataset
+
+
+def resolve_classes(args, class_names: list = None) -> list:
+    """`--classes` as dataset class indices, kept as args.dataset_classes (saved with the
+    checkpoint; outputs map labels back through it), checked against --class_num."""
+    from util.loader import parse_classes
+    if class_names is None and args.dataset == "digits":
+        from util.digits import NUM_CLASSES
+        class_names = [str(c) for c in range(NUM_CLASSES)]
+    ids = parse_classes(args.classes, class_names)
+    if len(ids) != args.class_num:
+        raise SystemExit(f"error: --classes {args.classes} names {len(ids)} classes but "
+                         f"--class_num is {args.class_num}")
+    args.dataset_classes = ids
+    return ids
+
+
+def class_folders(args):
+    """The sorted class-folder names under --data_path, where there are any (None: indices
+    only); the digits' names are known to resolve_classes."""
+    from util.loader import train_folder
+    folder = train_folder(args.data_path)
+    if args.dataset == "digits" or not folder.is_dir():
+        return None
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def dataset_class_ids(args, labels):
+    """The dataset's own class ids of model labels (the same, without --classes)."""
+    classes = getattr(args, "dataset_classes", None)
+    return np.asarray(classes)[labels] if classes else labels
 
 
 def build_loader(dataset, args, info: DistInfo) -> DataLoader:

@@ -43,6 +43,10 @@ class DigitsDataset(Dataset):
         self.labels = torch.from_numpy(y).long()
         self.classes = [str(c) for c in range(NUM_CLASSES)]
 
+    @property
+    def targets(self) -> list:
+        return self.labels.tolist()
+
     def __len__(self):
         return len(self.labels)
 

@@ -200,11 +200,14 @@ class DinoV2Features:
         self.net = net.eval().to(self.device)
 
     @torch.no_grad()
+    def batch(self, images: torch.Tensor) -> torch.Tensor:
+        """Features (B, 1024) of uint8 images (B, 3, H, W)."""
+        return self.net(dinov2_inputs(images).to(self.device)).float().cpu()
+
     def __call__(self, dataset, batch_size: int = 64) -> torch.Tensor:
         """Features (N, 1024) of a dataset of uint8 (3, H, W) images."""
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-        return torch.cat([self.net(dinov2_inputs(batch).to(self.device)).float().cpu()
-                          for batch in loader])
+        return torch.cat([self.batch(images) for images in loader])
 
 
 class ImageArray(torch.utils.data.Dataset):
@@ -226,6 +229,14 @@ def extract_features(extractor, dataset, device, batch_size: int = 64) -> dict:
     return get_featuresdict_from_dataset(dataset, extractor, batch_size,
                                          cuda=torch.device(device).type == "cuda",
                                          save_cpu_ram=True, verbose=False)
+
+
+@torch.no_grad()
+def inception_pool(extractor, images: torch.Tensor, device) -> torch.Tensor:
+    """The 2048-d pool features (B, 2048) of uint8 images (B, 3, H, W), as extract_features
+    computes them."""
+    out = extractor.convert_features_tuple_to_dict(extractor(images.to(device)))
+    return out["2048"].float().cpu()
 
 
 def folder_images(folder):

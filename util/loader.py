@@ -118,3 +118,49 @@ class CachedFolder(DatasetFolder):
         arrays = load_cached_moments(path, self.expected_shape)
         key = CACHE_KEYS[int(torch.randint(0, 2, ()))]
         return torch.from_numpy(arrays[key]), label
+
+
+def parse_classes(text: str, class_names: list = None) -> list:
+    """`--classes` as dataset class indices: comma-separated indices into the sorted class list
+    (`5,6,7`) or class folder names (`n01440764,n01443537`), in the order given. Without the
+    dataset's class names (evaluation without the data), indices only."""
+    tokens = [t.strip() for t in text.split(",") if t.strip()]
+    if not tokens:
+        raise SystemExit(f"error: --classes {text!r}: expected class ids or folder names, "
+                         "separated by commas")
+    index = {name: i for i, name in enumerate(class_names or [])}
+    ids = []
+    for token in tokens:
+        if token in index:  # a folder name (the digits' names are their ids)
+            ids.append(index[token])
+        elif token.isdigit() and (class_names is None or int(token) < len(class_names)):
+            ids.append(int(token))
+        else:
+            known = (f"an index below {len(class_names)} (the dataset's class count)"
+                     if class_names is not None else "a class index (without the dataset in "
+                     "--data_path, folder names cannot be looked up)")
+            raise SystemExit(f"error: --classes: {token!r} is neither a class folder name nor {known}")
+    if len(set(ids)) != len(ids):
+        raise SystemExit(f"error: --classes {text}: a class is named twice")
+    return ids
+
+
+class ClassSubset(torch.utils.data.Dataset):
+    """The samples of some of a dataset's classes, relabelled 0..k-1 in the order of
+    `class_ids` (dataset class indices). `classes` are the chosen classes' names."""
+
+    def __init__(self, dataset, class_ids: list):
+        new_label = {c: i for i, c in enumerate(class_ids)}
+        targets = [int(t) for t in dataset.targets]
+        self.dataset = dataset
+        self.indices = [i for i, t in enumerate(targets) if t in new_label]
+        self.targets = [new_label[targets[i]] for i in self.indices]
+        self.classes = [dataset.classes[c] for c in class_ids]
+        self.channels = getattr(dataset, "channels", None)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        data = self.dataset[self.indices[i]]
+        return (data[0], self.targets[i], *data[2:])

@@ -21,6 +21,7 @@ from models.heads import HEADS
 from models.tokenizer import TOKENIZERS
 from util.args import architecture_flags, check_network_settings, network_settings
 from util.checkpoint import CHECKPOINT_NAME, check_same_config, load_training_checkpoint
+from util.distributed import run_on_main
 from util.fileio import atomic_write
 from util.weights import check_state_dict, load_state_dict_strict, read_weights
 
@@ -76,6 +77,13 @@ def resolve(spec: str, revision: str = None) -> Path:
         raise FileNotFoundError(f"--resume {spec}: no such folder here, and as a Hugging Face "
                                 f"Hub repo id it failed: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def download_on_main_first(spec: str, revision: str, is_main: bool) -> None:
+    """A Hub repo id is downloaded by rank 0 alone, into huggingface_hub's cache, which the
+    other ranks then read; its failure stops every rank with rank 0's message."""
+    if not Path(spec).is_dir():
+        run_on_main(is_main, lambda: resolve(spec, revision), expected=(FileNotFoundError,))
 
 
 # Keys of config.json besides the network's settings ("exported_from": files of an earlier
