@@ -37,7 +37,8 @@ def parser() -> ArgsFileParser:
                    help="KL-16 VAE weights, for a checkpoint trained on VAE latents")
     g = p.add_argument_group("sampling")
     g.add_argument("--class_ids", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
-                   help="classes to draw, one grid row each")
+                   help="classes to draw, one grid row each (the dataset's ids, also for a model "
+                        "trained on --classes)")
     g.add_argument("--samples_per_class", type=int, default=8)
     add_sampling_args(g)
     g = p.add_argument_group("output")
@@ -84,17 +85,26 @@ def load_checkpoint(args, given: dict) -> tuple:
     return model, settings, epoch
 
 
+def model_labels(class_ids: list, settings) -> torch.Tensor:
+    """The model's labels for --class_ids, which are the dataset's class ids: for a model
+    trained on `--classes`, its label i is the dataset's class classes[i]."""
+    classes = getattr(settings, "dataset_classes", None) or list(range(settings.class_num))
+    missing = [c for c in class_ids if c not in classes]
+    if missing:
+        raise SystemExit(f"error: --class_ids {missing} are not among the checkpoint's classes "
+                         f"({classes if len(classes) <= 20 else f'0..{len(classes) - 1}'})")
+    return torch.tensor([classes.index(c) for c in class_ids])
+
+
 def main(args, given: dict) -> None:
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     model, settings, epoch = load_checkpoint(args, given)
-    if not all(0 <= c < settings.class_num for c in args.class_ids):
-        raise SystemExit(f"error: --class_ids must be in [0, {settings.class_num}): the "
-                         f"checkpoint's classes")
+    labels = model_labels(args.class_ids, settings)
     model.to(device).eval()
     tokenizer = make_tokenizer({**vars(settings), "vae_path": args.vae_path, "use_cached": False},
                                device)
-    labels = torch.tensor(args.class_ids).repeat_interleave(args.samples_per_class)
+    labels = labels.repeat_interleave(args.samples_per_class)
     images = torch.cat([generate(model, tokenizer.decode, chunk, args.cfg, args.infer_temperature,
                                  args, device)
                         for chunk in labels.split(args.eval_bsz)])

@@ -102,6 +102,8 @@ def without(key):
     (with_key("tokenizer", "../vae"), "tokenizer is '../vae', expected one of"),
     (with_key("format", "other/1"), "format 'other/1'"),
     (with_key("weights", "best"), "weights is 'best'"),
+    (with_key("dataset_classes", [5, 6]), r"dataset_classes is \[5, 6\], expected null or 10 class ids"),
+    (with_key("dataset_classes", "5,6"), "dataset_classes is '5,6'"),
     (with_key("decoder_embed_dim", 64), r"shape mismatches: .*decoder_pos_embed_learned"),
     (with_key("class_num", 12), r"class_emb.weight: file \(10, 128\), model \(12, 128\)"),
     (with_key("scoreloss_d", 2), r"unexpected keys: scoreloss.net.res_blocks.2"),

@@ -201,6 +201,26 @@ def test_samples_of_a_class_subset_keep_the_datasets_ids(tmp_path):
         assert (np.bincount(data["labels"])[5:] == 10).all()
     assert settings_from_checkpoint(load_training_checkpoint(
         tmp_path / CHECKPOINT_NAME)["args"]).dataset_classes == [5, 6, 7, 8, 9]
+    # sample_ear.py's --class_ids are the dataset's ids too, from the checkpoint or an export.
+    import export_ear
+    import sample_ear
+    export_ear.main(["--resume", str(tmp_path), "--out", str(tmp_path / "export")])
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["dataset_classes"] == [5, 6, 7, 8, 9]
+    seen = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(sample_ear, "generate", lambda model, decode, labels, *a: seen.append(labels.tolist())
+                   or torch.zeros(len(labels), 1, 8, 8))
+    try:
+        for resume in (tmp_path, tmp_path / "export"):
+            sample_ear.main(*sample_ear.parse_args(["--resume", str(resume), "--class_ids", "9", "5",
+                                                    "--samples_per_class", "2", "--device", "cpu",
+                                                    "--out", str(tmp_path / "g.png")]))
+            assert seen.pop() == [4, 4, 0, 0]
+        with pytest.raises(SystemExit, match=r"--class_ids \[2\] are not among the checkpoint's classes"):
+            sample_ear.main(*sample_ear.parse_args(["--resume", str(tmp_path), "--class_ids", "2",
+                                                    "--device", "cpu", "--out", str(tmp_path / "g.png")]))
+    finally:
+        monkey.undo()
 
 
 # --- main_stats.py ------------------------------------------------------------------------------

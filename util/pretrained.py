@@ -43,7 +43,8 @@ def export(checkpoint_dir, out_dir, use_ema: bool = True) -> Path:
     # The run's folder name, not its path: the file may be pushed to the Hub.
     config = {"format": FORMAT, **{n: getattr(settings, n) for n in names},
               "epoch": ckpt["epoch"], "weights": "ema" if key == "model_ema" else "raw",
-              "run": Path(checkpoint_dir).resolve().name}
+              "run": Path(checkpoint_dir).resolve().name,
+              "dataset_classes": getattr(settings, "dataset_classes", None)}
     state = {k: v.contiguous() for k, v in ckpt[key].items()}
     out = Path(out_dir)
     atomic_write(out / WEIGHTS, lambda f: f.write(save(state)))
@@ -88,7 +89,8 @@ def download_on_main_first(spec: str, revision: str, is_main: bool) -> None:
 
 # Keys of config.json besides the network's settings ("exported_from": files of an earlier
 # version, which held the checkpoint's path there).
-CONFIG_KEYS = ("format", "model", "head", "tokenizer", "epoch", "weights", "run", "exported_from")
+CONFIG_KEYS = ("format", "model", "head", "tokenizer", "epoch", "weights", "run", "exported_from",
+               "dataset_classes")
 
 
 def check_names(settings: Mapping, source, required: bool) -> str:
@@ -128,6 +130,11 @@ def check_config(config, path) -> dict:
                                                                 ("missing", missing)) if keys))
     check_network_settings(config, head, path)
     check_epoch(config["epoch"], path)
+    classes = config.get("dataset_classes")
+    if classes is not None and not (isinstance(classes, list) and len(classes) == config["class_num"]
+                                    and all(type(c) is int and c >= 0 for c in classes)):
+        raise ValueError(f"{path}: dataset_classes is {classes!r}, expected null or "
+                         f"{config['class_num']} class ids (class_num)")
     if config.get("weights", "ema") not in ("ema", "raw"):
         raise ValueError(f"{path}: weights is {config['weights']!r}, expected 'ema' or 'raw'")
     return config
