@@ -70,7 +70,8 @@ class DiffLoss(nn.Module):
     token (both halves see the same x_t) and the conditional half's variance.
     """
     attribute = "diffloss"  # MAR's name for it
-    own_optimizer_group = False  # MAR trains it like the Transformer: weight decay, full lr
+    own_optimizer_group = False  # full lr, as MAR (no lr scale)
+    decay_matrices = False  # MAR puts every parameter under `diffloss` in its no-decay group
     FLAGS = {
         "diffloss_d": ("denoiser depth (MAR-B: 6)", True),
         "diffloss_w": ("denoiser width (MAR-B: 1024)", True),

@@ -30,18 +30,52 @@ def normal_kl(mean1, log_var1, mean2, log_var2) -> torch.Tensor:
                   + (mean1 - mean2) ** 2 * torch.exp(-log_var2))
 
 
-def discretized_gaussian_nll(x, mean, log_var, bin_width: float = 2 / 255) -> torch.Tensor:
-    """DDPM's decoder term L_0 per element, in nats: -log of the mass N(mean, e^log_var) puts
-    on the bin of width `bin_width` around x (the data as 8-bit values in [-1, 1]), the outer
-    bins reaching to +-infinity. Bounded below by 0, unlike a continuous density; MAR keeps this
-    term for its continuous tokens too."""
-    std = torch.exp(0.5 * log_var)
-    upper = torch.where(x > 0.999, torch.full_like(x, math.inf), (x + bin_width / 2 - mean) / std)
-    lower = torch.where(x < -0.999, torch.full_like(x, -math.inf), (x - bin_width / 2 - mean) / std)
-    # P(lower < Z < upper) from whichever tail keeps the difference accurate.
-    mass = torch.where(lower > 0, torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-                       torch.special.ndtr(upper) - torch.special.ndtr(lower))
-    return -torch.log(mass.clamp(min=1e-12))
+def approx_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """The standard normal CDF by the tanh approximation improved-DDPM (and so MAR) uses:
+    0.5 (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))). It is off the exact CDF by up to 2e-4, and
+    far in the tails it rounds to exactly 0 or 1; we use it anyway because MAR's loss at t = 0
+    is defined with it (with the exact CDF the t = 0 term differs by up to ~5 nats)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_nll(x, mean, log_var, half_width: float = 1 / 255) -> torch.Tensor:
+    """DDPM's decoder term L_0 per element, in nats, in improved-DDPM's form (which MAR keeps
+    for its continuous tokens): -log of the mass N(mean, e^log_var) puts on the bin
+    [x - half_width, x + half_width] around x (the data as 8-bit values in [-1, 1]), the edge
+    bins (|x| > 0.999) reaching to +-infinity, with the CDF's tanh approximation and each
+    probability clamped at 1e-12. All tensors broadcast; the result has their shape."""
+    inv_std = torch.exp(-0.5 * log_var)
+    cdf_upper = approx_normal_cdf(inv_std * (x - mean + half_width))
+    cdf_lower = approx_normal_cdf(inv_std * (x - mean - half_width))
+    # The three cases as improved-DDPM writes them: the lower edge bin is P(X < x + h), the
+    # upper one P(X > x - h) = 1 - CDF (cancellation and all: the clamp bounds it), the rest
+    # the difference of the two CDF values.
+    log_upper = torch.log(cdf_upper.clamp(min=1e-12))
+    log_one_minus_lower = torch.log((1.0 - cdf_lower).clamp(min=1e-12))
+    log_mass = torch.log((cdf_upper - cdf_lower).clamp(min=1e-12))
+    return -torch.where(x < -0.999, log_upper, torch.where(x > 0.999, log_one_minus_lower, log_mass))
+
+
+def kept_timesteps(num_timesteps: int, num_steps: int) -> list:
+    """The training timesteps a respaced process of `num_steps` steps keeps, as improved-DDPM's
+    `space_timesteps` (and so MAR) picks them: start at 0 and add the float stride
+    (T - 1) / (N - 1) N times, keeping Python's round() of each running sum (half to even).
+    The rounding of the accumulated floats decides ties, so e.g. 21 steps keep 499, not the 500
+    that round(i * 999 / 20) gives; only this exact rule reproduces MAR's tables.
+
+    One step is ours: improved-DDPM keeps timestep 0 there, a chain that starts from noise at
+    the noise level of t = 0 (MAR's sampler fails on it); we keep T - 1, one jump straight from
+    pure noise to the model's estimate of x_0."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_sampling_steps must be in [1, {num_timesteps}], got {num_steps}")
+    if num_steps == 1:
+        return [num_timesteps - 1]
+    stride = (num_timesteps - 1) / (num_steps - 1)
+    kept, position = [], 0.0
+    for _ in range(num_steps):
+        kept.append(round(position))
+        position += stride
+    return kept
 
 
 class Diffusion:
@@ -69,13 +103,9 @@ class Diffusion:
 
     @classmethod
     def respaced(cls, betas: torch.Tensor, num_steps: int, device="cpu") -> "Diffusion":
-        """The process of `betas` on `num_steps` evenly spaced timesteps (first and last kept;
-        one step: the last, straight from noise to data): step i jumps from kept timestep k_i to
-        k_{i-1}, with beta = 1 - abar_{k_i} / abar_{k_{i-1}}."""
-        if not 1 <= num_steps <= len(betas):
-            raise ValueError(f"num_sampling_steps must be in [1, {len(betas)}], got {num_steps}")
-        keep = (torch.linspace(0, len(betas) - 1, num_steps, dtype=torch.float64).round().long()
-                if num_steps > 1 else torch.tensor([len(betas) - 1]))
+        """The process of `betas` on the `num_steps` timesteps `kept_timesteps` gives: step i
+        jumps from kept timestep k_i to k_{i-1}, with beta = 1 - abar_{k_i} / abar_{k_{i-1}}."""
+        keep = torch.tensor(kept_timesteps(len(betas), num_steps))
         abar = torch.cumprod(1.0 - betas.double(), 0)[keep]
         abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
         return cls(1.0 - abar / abar_prev, keep, device)

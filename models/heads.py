@@ -22,7 +22,9 @@ class Head(Protocol):
             head's is "scoreloss", as in the reference checkpoints). Not "head".
         own_optimizer_group: whether its weight matrices get an optimizer group of their own
             (no weight decay, lr * --score_lrscale), as the reference does for the generator;
-            otherwise they are treated like the Transformer's.
+            otherwise they are treated like the Transformer's, unless the head sets
+            `decay_matrices = False` (optional, default True): then none of its parameters is
+            weight-decayed, at full lr (the diffusion head, as MAR).
         FLAGS: {constructor argument: (help, shapes the weights[, flag default])} for the
             settings that are command-line flags; defaults come from the constructor's signature
             unless the entry gives the flag its own.

@@ -10,19 +10,23 @@ def param_groups(model: nn.Module, weight_decay: float, score_lrscale: float) ->
     """AdamW groups in the reference's order (its saved optimizer state loads only into groups
     in this order), each group's parameters in `named_parameters()` order:
 
-    - 1-D parameters and biases (the head's included): no weight decay, full lr;
-    - the other weight matrices: weight decay;
+    - 1-D parameters and biases (the head's included), and every parameter of a head that
+      declares `decay_matrices = False` (the diffusion head: MAR excludes everything under
+      `diffloss` from weight decay): no weight decay, full lr;
+    - the other weight matrices (the Transformer's; the mixture head's): weight decay;
     - if the head asks for a group of its own (`own_optimizer_group`, the energy head as in the
       reference): its weight matrices, with no weight decay and lr * score_lrscale.
     Each group carries `lr_scale`, applied by `set_lr`.
     """
     head = model.head
     own = {id(p) for p in head.parameters()} if head.own_optimizer_group else set()
+    # A head without the attribute (the energy head) is unaffected: its matrices go to `own`.
+    undecayed = set() if getattr(head, "decay_matrices", True) else {id(p) for p in head.parameters()}
     no_decay, decay, generator = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim == 1 or name.endswith(".bias"):
+        if p.ndim == 1 or name.endswith(".bias") or id(p) in undecayed:
             no_decay.append(p)
         elif id(p) in own:
             generator.append(p)
