@@ -43,6 +43,11 @@ def resume(state: TrainState, args, info: DistInfo) -> int:
         elif path is not None and info.is_main:
             print(f"no {CHECKPOINT_NAME} in --resume {args.resume}: training from scratch")
         return args.start_epoch
+    saved_classes = (ckpt.get("args") or {}).get("dataset_classes")
+    if saved_classes != args.dataset_classes and (saved_classes or args.dataset_classes):
+        raise SystemExit(f"error: {path} was trained on --classes {saved_classes} (dataset ids), "
+                         f"this run on {args.dataset_classes}: the labels would change meaning; "
+                         "use --finetune to start from it on other classes")
     load_state_dict_strict(state.model, ckpt["model"], f"{path} [model]")
     if "model_ema" in ckpt:
         expected, source = state.model.state_dict(), f"{path} [model_ema]"

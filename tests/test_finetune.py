@@ -201,6 +201,11 @@ def test_samples_of_a_class_subset_keep_the_datasets_ids(tmp_path):
         assert (np.bincount(data["labels"])[5:] == 10).all()
     assert settings_from_checkpoint(load_training_checkpoint(
         tmp_path / CHECKPOINT_NAME)["args"]).dataset_classes == [5, 6, 7, 8, 9]
+    other = train_parser().parse_args([str(a) for a in (
+        QUICKSTART, "--classes", "0,1,2,3,4", "--class_num", 5, "--decoder_depth", 1, "--epochs", 2,
+        "--output_dir", tmp_path / "other", "--resume", tmp_path)])
+    with pytest.raises(SystemExit, match=r"was trained on --classes \[5, 6, 7, 8, 9\]"):
+        main_ear.main(other)
     # sample_ear.py's --class_ids are the dataset's ids too, from the checkpoint or an export.
     import export_ear
     import sample_ear
