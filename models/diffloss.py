@@ -90,10 +90,13 @@ class DiffLoss(nn.Module):
         if diffusion_batch_mul < 1:
             raise ValueError(f"diffusion_batch_mul must be >= 1, got {diffusion_batch_mul}")
         self.token_dim, self.diffusion_batch_mul = token_dim, diffusion_batch_mul
-        self.betas = cosine_betas(TRAIN_TIMESTEPS)
         self.num_sampling_steps = num_sampling_steps
         self.processes = {}
-        self.process(num_sampling_steps, "cpu")  # reject a bad step count now
+        # The schedule's tables are plain CPU tensors even when the module is built under
+        # another default device (the meta device, to compare a config with weights' shapes).
+        with torch.device("cpu"):
+            self.betas = cosine_betas(TRAIN_TIMESTEPS)
+            self.process(num_sampling_steps, "cpu")  # reject a bad step count now
         self.net = Denoiser(token_dim, z_dim, diffloss_w, diffloss_d)
 
     def process(self, num_steps: int, device) -> Diffusion:

@@ -247,3 +247,14 @@ def test_digit_metrics_read_samples_by_index(tmp_path):
     with np.load(tmp_path / "samples-x.npz") as data:
         assert np.array_equal(data["images"], images)
     assert sample_file(tmp_path, 100000).name == "100000.png"
+
+
+@pytest.mark.parametrize("head", ["energy", "diffusion", "gmm"])
+def test_every_head_is_compared_with_the_weights_before_building(head):
+    """The comparison builds the network on the meta device: every head must build there."""
+    settings = settings_from_checkpoint({**vars(digits_settings()), "head": head})
+    state = build_model(settings).state_dict()
+    pretrained.check_settings_fit(settings, state, "weights")
+    settings.decoder_depth += 1
+    with pytest.raises(ValueError, match="missing keys: decoder_blocks.2"):
+        pretrained.check_settings_fit(settings, state, "weights")
