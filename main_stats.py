@@ -45,7 +45,7 @@ class CroppedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        crop = np.asarray(center_crop_arr(load_rgb(self.paths[i]), self.img_size))
+        crop = np.array(center_crop_arr(load_rgb(self.paths[i]), self.img_size))  # writable
         return torch.from_numpy(crop).permute(2, 0, 1).contiguous(), i
 
 
