@@ -67,10 +67,10 @@ def guided_gaussian_sample(loc_c: torch.Tensor, scale_c: torch.Tensor, loc_u: to
     once (each round draws only for those still pending).
 
     Arguments (N, D) (they broadcast) -> (draws (N, D), exhausted (N, D) bool). An element still
-    unaccepted after `tries` proposals (the target lies far out in the proposal's tail, or is
-    not normalisable: cfg > 1 with scale_u^2 < scale_c^2 (cfg - 1) / cfg) gets the grid point
-    where target / proposal is largest, the point the sampler accepts most readily; `exhausted`
-    marks those elements.
+    unaccepted after `tries` proposals gets an unguided draw from N(loc_c, scale_c), and
+    `exhausted` marks it (ours: this happens when the target lies far out in the proposal's
+    tail or is not normalisable, cfg > 1 with scale_u^2 < scale_c^2 (cfg - 1) / cfg; it then
+    grows towards the grid's edge, and the edge, loc_c +- 10, is no sample to fall back on).
     """
     loc_c, scale_c, loc_u, scale_u = torch.broadcast_tensors(loc_c, scale_c, loc_u, scale_u)
     proposal_scale = 2 * torch.maximum(scale_c, scale_u)
@@ -78,16 +78,14 @@ def guided_gaussian_sample(loc_c: torch.Tensor, scale_c: torch.Tensor, loc_u: to
 
     # The bound, in chunks of rows: the whole grid would be N * D * GRID_POINTS values at once.
     offsets = torch.linspace(-GRID_RADIUS, GRID_RADIUS, GRID_POINTS, dtype=loc_c.dtype, device=loc_c.device)
-    log_bound, best = torch.empty_like(loc_c), torch.empty_like(loc_c)
+    log_bound = torch.empty_like(loc_c)
     rows = max(1, 2 ** 22 // (GRID_POINTS * max(1, loc_c[:1].numel())))
     for i in range(0, len(loc_c), rows):
         part = [p[i:i + rows, ..., None] for p in params]
-        grid = part[0] + offsets
-        ratio = guided_log_ratio(grid, *part, cfg)
-        log_bound[i:i + rows], at = ratio.max(-1)
-        best[i:i + rows] = grid.gather(-1, at[..., None])[..., 0]
+        log_bound[i:i + rows] = guided_log_ratio(part[0] + offsets, *part, cfg).amax(-1)
 
-    draws, pending = best.clone(), torch.ones_like(loc_c, dtype=torch.bool)
+    draws = loc_c + scale_c * torch.randn_like(loc_c)  # kept only where every try fails
+    pending = torch.ones_like(loc_c, dtype=torch.bool)
     for _ in range(tries):
         idx = pending.nonzero(as_tuple=True)
         if not len(idx[0]):

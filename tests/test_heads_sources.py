@@ -191,6 +191,17 @@ def test_guided_mixture_draws_follow_the_guided_density(loc_c, scale_c, loc_u, s
     assert ks_distance(draws, *guided_cdf_on_grid(loc_c, scale_c, loc_u, scale_u, cfg - 0.5)) > 0.03
 
 
+def test_guided_sampler_falls_back_to_the_conditional_gaussian_when_tries_run_out():
+    """Ours: p_c^2 p_u^-1 with scale_u = scale_c / 10 grows without bound (precision
+    2 - 100 < 0), so no proposal is accepted; every element then gets an unguided draw from
+    N(loc_c, scale_c) and is marked exhausted."""
+    torch.manual_seed(0)
+    full = lambda v: torch.full((5000, 2), v)
+    draws, exhausted = guided_gaussian_sample(full(3.0), full(0.5), full(3.0), full(0.05), 2.0, tries=20)
+    assert exhausted.all()
+    assert draws.mean().item() == pytest.approx(3.0, abs=0.02) and draws.std().item() == pytest.approx(0.5, abs=0.02)
+
+
 def test_guided_mixture_head_pairs_the_conditional_component_with_the_same_unconditional_one():
     """Through GMMLoss.sample: the component comes from the conditional logits and the same
     index serves the unconditional mixture. Conditional means (0, 3), unconditional (0.5, 2.5),
