@@ -1,7 +1,7 @@
 """The paper's comparison at CPU scale: the energy, diffusion and Gaussian-mixture heads on one
 Transformer, trained on the built-in digits with the same budget and seed.
 
-    python benchmarks/heads.py                               # ~25 minutes on 2 CPU cores
+    python benchmarks/heads.py                               # ~25 minutes on 2 idle CPU cores
     python benchmarks/heads.py --epochs 1 --diffusion_steps 5 --out /tmp/heads   # a smoke run
 
 Everything goes through the user's commands: for each head, `main_ear.py
@@ -97,7 +97,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=80, help="training budget (the quick start's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--diffusion_steps", type=int, nargs="+", default=[10, 25, 1000],
+    p.add_argument("--diffusion_steps", type=int, nargs="+", default=[10, 25, 250, 500, 1000],
                    help="the diffusion head's sampling steps to sweep, besides its default 100")
     p.add_argument("--out", type=Path, default=Path("output_heads"))
     args = p.parse_args()
