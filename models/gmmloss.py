@@ -23,7 +23,8 @@ from models.scoreloss import guided_hidden_state, masked_rows
 MIN_SCALE = 1e-6  # GIVT's floor on the scales
 
 # GIVT's guided sampler (rejection per channel): tries, and the grid (loc_c +- GRID_RADIUS, in
-# GRID_POINTS points) on which the bound of target / proposal is found.
+# GRID_POINTS points: the count is ours, 0.01 apart) on which the bound of target / proposal
+# is found.
 REJECTION_TRIES = 1000
 GRID_RADIUS, GRID_POINTS = 10.0, 2001
 
