@@ -109,7 +109,7 @@ class PerFileSource:
     def __init__(self, args, info):
         self.root = Path(args.convert_cache or args.cached_path)
         tokenizer = build_tokenizer(vars(args), info.device, load=False)
-        shape = tokenizer.cache_shape(args.img_size // tokenizer.stride)
+        shape = tokenizer.cache_shape(args.img_size // args.vae_stride)  # what training checks
         self.folder = CachedFolder(self.root, expected_shape=shape)  # its listing fixes the order
         self.classes = self.folder.classes
         self.names = [Path(p).relative_to(self.root).as_posix()[:-4] for p, _ in self.folder.samples]

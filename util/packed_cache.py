@@ -215,6 +215,8 @@ class PackedLatents(Dataset):
             raise ValueError(f"{self.index_path}: records of shape {self.record_shape[1:]}, "
                              f"expected {tuple(expected_shape)} (check --img_size and "
                              "--vae_embed_dim against the cache)")
+        if len(self.labels) == 0:
+            raise FileNotFoundError(f"--cached_path {root}: its packed index lists no records")
         self.classes = self.header["classes"]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.targets = self.labels
@@ -241,18 +243,25 @@ class PackedLatents(Dataset):
                                  f"{self.record_shape} ({e}); the packed cache is incomplete") from e
         return self._maps[s]
 
-    def name(self, index: int) -> str:
-        """The relative name "<class>/<file name>" of sample `index` (reads the names)."""
-        with np.load(self.index_path) as index_file:
-            return index_file["names"].tobytes().decode().split("\n")[index]
+    def names(self) -> list:
+        """The N relative names "<class>/<file name>", in sample order (read on demand)."""
+        with np.load(self.index_path) as index:
+            return index["names"].tobytes().decode().split("\n")
 
-    def __getitem__(self, index):
-        half = draw_flip()
+    def read(self, index: int, half: int) -> np.ndarray:
+        """Half `half` (0: the image, 1: its flip) of record `index`: (2C, h, w), CRC-checked."""
         s, row = int(self.segment[index]), int(self.row[index])
         moments = np.array(self.segment_map(s)[row, half])
         if zlib.crc32(moments) != int(self.crc[index, half]):
             raise ValueError(f"{self.root / self.header['segments'][s]['file']}: record {row} "
-                             f"({self.name(index)}, {CACHE_KEYS[half]}) fails its CRC-32 check; "
-                             "the file is corrupt: rerun main_cache.py --cache_format packed "
-                             "--overwrite")
-        return torch.from_numpy(moments), int(self.labels[index])
+                             f"({self.names()[index]}, {CACHE_KEYS[half]}) fails its CRC-32 "
+                             "check; the file is corrupt: rerun main_cache.py --cache_format "
+                             "packed --overwrite")
+        return moments
+
+    def record(self, index: int) -> np.ndarray:
+        """Record `index`, both halves: (2, 2C, h, w)."""
+        return np.stack([self.read(index, 0), self.read(index, 1)])
+
+    def __getitem__(self, index):
+        return torch.from_numpy(self.read(index, draw_flip())), int(self.labels[index])
