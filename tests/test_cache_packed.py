@@ -217,7 +217,7 @@ def test_packed_loader_lists_no_folder_and_pickles(toy_forms, monkeypatch):
     moments, label = dataset[len(dataset) - 1]
     assert label == 2 and moments.shape == (8, 2, 2) and moments.dtype == torch.float32
     clone = pickle.loads(pickle.dumps(dataset))  # as a spawned worker gets it: no open maps
-    assert clone._maps == {} and np.array_equal(clone.record(5), dataset.record(5))
+    assert clone._fds == {} and np.array_equal(clone.record(5), dataset.record(5))
 
 
 def test_corrupt_or_short_segment_is_named(toy_forms, tmp_path):
@@ -232,7 +232,7 @@ def test_corrupt_or_short_segment_is_named(toy_forms, tmp_path):
     with pytest.raises(ValueError, match=f"{segment.name}: record 0 .*CRC-32"):
         dataset.read(row0, 0)
     segment.write_bytes(bytes(data[:100]))
-    with pytest.raises(ValueError, match=f"{segment.name}: cannot map"):
+    with pytest.raises(ValueError, match=f"{segment.name}: shorter than its 24 records"):
         PackedLatents(packed).read(row0, 1)
     with pytest.raises(ValueError, match=r"records of shape \(8, 2, 2\), expected \(32, 2, 2\)"):
         PackedLatents(packed, expected_shape=(32, 2, 2))

@@ -3,7 +3,7 @@
 The per-file cache (`<cached_path>/<class>/<file>.npz`, SPEC section 2) is 1.28 million small
 files for ImageNet: every start walks them and every step opens one, the slow path on network
 file systems. The packed form keeps one fixed-record array file per writing process and run, read
-through a memory map, and one index file. Layout of `<cached_path>` (format version 1):
+by offset (one positioned read per sample, readahead off), and one index file. Layout of `<cached_path>` (format version 1):
 
     packed_index.npz          the index; its presence marks the folder as a packed cache
     seg-r<rank>-<k>.bin       records, back to back, no header: record i sits at byte
@@ -194,9 +194,10 @@ class PackedLatents(Dataset):
     """The packed cache at `root` -> (moments (2C, h, w) float32, label), as CachedFolder.
 
     Start-up reads the index only (no directory listing). Each read takes the plain or the
-    flipped half with the same random draw as CachedFolder, checks the half's CRC-32 and copies
-    it out of the memory map. The maps open lazily in each process, so the dataset pickles to
-    DataLoader workers as paths and index arrays.
+    flipped half with the same random draw as CachedFolder: one positioned read of that half
+    (the file could equally be memory-mapped; a plain read avoids the fault handler's readahead
+    around every random sample), checked against its CRC-32. Files open lazily in each process,
+    so the dataset pickles to DataLoader workers as paths and index arrays.
     expected_shape: (2C, h, w) the index's record shape must end in, or None.
     """
 
@@ -220,28 +221,38 @@ class PackedLatents(Dataset):
         self.classes = self.header["classes"]
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.targets = self.labels
-        self._maps, self._pid = {}, None
+        self.record_bytes = int(np.prod(self.record_shape)) * DTYPE.itemsize
+        self._fds, self._pid = {}, None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getstate__(self):  # maps are per process: a worker opens its own
-        return {**self.__dict__, "_maps": {}, "_pid": None}
+    def __getstate__(self):  # descriptors are per process: a worker opens its own
+        return {**self.__dict__, "_fds": {}, "_pid": None}
 
-    def segment_map(self, s: int) -> np.ndarray:
-        """Segment s as a read-only (records, 2, 2C, h, w) array, mapped once per process."""
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+
+    def segment_fd(self, s: int) -> int:
+        """A descriptor of segment s, opened once per process (forked workers get their own).
+        Readahead is off: a sample is one random read of half a record; reading ahead around it
+        (as a memory map's page faults do) only wastes I/O on a cold cache."""
         if self._pid != os.getpid():
-            self._maps, self._pid = {}, os.getpid()
-        if s not in self._maps:
+            self._fds, self._pid = {}, os.getpid()
+        if s not in self._fds:
             info = self.header["segments"][s]
             path = self.root / info["file"]
-            try:
-                self._maps[s] = np.memmap(path, DTYPE, mode="r",
-                                          shape=(info["records"], *self.record_shape))
-            except (OSError, ValueError) as e:
-                raise ValueError(f"{path}: cannot map {info['records']} records of "
-                                 f"{self.record_shape} ({e}); the packed cache is incomplete") from e
-        return self._maps[s]
+            fd = os.open(path, os.O_RDONLY)
+            if os.fstat(fd).st_size < info["records"] * self.record_bytes:
+                os.close(fd)
+                raise ValueError(f"{path}: shorter than its {info['records']} records of "
+                                 f"{self.record_shape}; the packed cache is incomplete")
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+            self._fds[s] = fd
+        return self._fds[s]
 
     def names(self) -> list:
         """The N relative names "<class>/<file name>", in sample order (read on demand)."""
@@ -251,7 +262,11 @@ class PackedLatents(Dataset):
     def read(self, index: int, half: int) -> np.ndarray:
         """Half `half` (0: the image, 1: its flip) of record `index`: (2C, h, w), CRC-checked."""
         s, row = int(self.segment[index]), int(self.row[index])
-        moments = np.array(self.segment_map(s)[row, half])
+        moments = np.empty(self.record_shape[1:], DTYPE)
+        offset = row * self.record_bytes + half * moments.nbytes
+        if os.preadv(self.segment_fd(s), [moments], offset) != moments.nbytes:
+            raise ValueError(f"{self.root / self.header['segments'][s]['file']}: short read of "
+                             f"record {row}; the file was truncated")
         if zlib.crc32(moments) != int(self.crc[index, half]):
             raise ValueError(f"{self.root / self.header['segments'][s]['file']}: record {row} "
                              f"({self.names()[index]}, {CACHE_KEYS[half]}) fails its CRC-32 "
