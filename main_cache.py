@@ -29,7 +29,8 @@ from models.tokenizer import build_tokenizer
 from util.args import cache_parser, check_positive
 from util.distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from util.fileio import atomic_write, remove_stale_temporaries
-from util.loader import CachedFolder, ImageFolderWithFilename, image_transform, load_cached_moments, train_folder
+from util.loader import (CachedFolder, ImageFolderWithFilename, image_transform, load_cached_moments,
+                         train_folder)
 from util.packed_cache import (INDEX_NAME, SegmentWriter, committed_names, remove_packed,
                                remove_uncommitted, write_index)
 
@@ -143,10 +144,11 @@ class PerFileSource:
 # ----- where the records go: the per-file or the packed form -----------------------------------
 
 class FileForm:
-    """`<cached_path>/<class>/<file>.npz`, one atomic file per image."""
+    """`<cached_path>/<class>/<file>.npz`, one atomic file per image. (The two forms share their
+    constructor's and methods' signatures, so the job below does not care which it writes.)"""
 
     def __init__(self, root: Path, record_shape, rank: int):
-        self.root = root
+        self.root = root  # a file's name and content say everything: no shape or rank needed
 
     def prepare(self, classes, is_main: bool, overwrite: bool) -> None:
         for cls in classes:
@@ -175,7 +177,7 @@ class FileForm:
                 f"{size_gb:.2f} GB"), {"files": files}
 
 
-class PackedForm(FileForm):
+class PackedForm:
     """Records in this rank's segment files, indexed once every rank is done (util/packed_cache.py)."""
 
     def __init__(self, root: Path, record_shape, rank: int):

@@ -93,7 +93,7 @@ def reads_per_second(dataset, indices) -> float:
 
 
 def measure(name: str, make, indices, roots) -> dict:
-    how = drop_page_cache(roots)
+    drop_page_cache(roots)
     dataset, start_cold = timed(make)
     _, start_warm = timed(make)
     how = drop_page_cache(roots)
@@ -125,7 +125,8 @@ def main() -> None:
     p.add_argument("--records", type=int, default=50_000)
     p.add_argument("--reads", type=int, default=5_000, help="random samples read per measurement")
     p.add_argument("--index_records", type=int, default=1_281_167)
-    p.add_argument("--root", default="/tmp/ear_cache_read", help="local folder for the caches (deleted after)")
+    p.add_argument("--root", default="/tmp/ear_cache_read",
+                   help="local folder for the caches (deleted after)")
     args = p.parse_args()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)

@@ -38,8 +38,12 @@ def packed_records(root) -> dict:
 
 
 def file_records(root) -> dict:
-    return {p.relative_to(root).as_posix()[:-4]: np.stack([np.load(p)["moments"], np.load(p)["moments_flip"]])
-            for p in Path(root).rglob("*.npz")}
+    """name -> record (2, 2C, h, w) of a per-file cache."""
+    records = {}
+    for path in Path(root).rglob("*.npz"):
+        with np.load(path) as f:
+            records[path.relative_to(root).as_posix()[:-4]] = np.stack([f["moments"], f["moments_flip"]])
+    return records
 
 
 def committed_count(root) -> int:
@@ -111,7 +115,8 @@ GOOD = np.zeros(SHAPE, np.float32)
 @pytest.mark.parametrize("arrays, message", [
     ({"moments": GOOD}, "expected keys"),
     ({"moments": GOOD.astype(np.float64), "moments_flip": GOOD.astype(np.float64)}, "float32"),
-    ({"moments": np.zeros((32, 4, 4), np.float32), "moments_flip": np.zeros((32, 4, 4), np.float32)}, "shape"),
+    ({"moments": np.zeros((32, 4, 4), np.float32), "moments_flip": np.zeros((32, 4, 4), np.float32)},
+     "shape"),
     ({"moments": GOOD, "moments_flip": np.full(SHAPE, np.nan, np.float32)}, "non-finite"),
     (b"PK\x03\x04 truncated", "unreadable"),
 ])

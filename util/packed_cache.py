@@ -3,7 +3,8 @@
 The per-file cache (`<cached_path>/<class>/<file>.npz`, SPEC section 2) is 1.28 million small
 files for ImageNet: every start walks them and every step opens one, the slow path on network
 file systems. The packed form keeps one fixed-record array file per writing process and run, read
-by offset (one positioned read per sample, readahead off), and one index file. Layout of `<cached_path>` (format version 1):
+by offset (one positioned read per sample, readahead off), and one index file.
+Layout of `<cached_path>` (format version 1):
 
     packed_index.npz          the index; its presence marks the folder as a packed cache
     seg-r<rank>-<k>.bin       records, back to back, no header: record i sits at byte
