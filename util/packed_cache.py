@@ -131,6 +131,9 @@ def committed_segments(root, record_shape) -> list:
                              "check --img_size and --vae_embed_dim, or pass --overwrite")
         with open(marker_path.with_suffix(".tsv"), "rb") as f:
             lines = [f.readline().decode().rstrip("\n").split("\t", 2) for _ in range(marker["records"])]
+        if any(len(fields) != 3 for fields in lines):  # only if edited by hand: appends come first
+            raise ValueError(f"{marker_path.with_suffix('.tsv')}: fewer than the {marker['records']} "
+                             "lines its marker commits; rerun with --overwrite")
         entries = [(name, (int(c0, 16), int(c1, 16))) for c0, c1, name in lines]
         segments.append((marker_path.with_suffix(".bin").name, entries))
     return segments
