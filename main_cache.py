@@ -2,12 +2,18 @@
 
     torchrun --nproc_per_node=8 main_cache.py --img_size 256 \
         --vae_path pretrained_models/vae/kl16.ckpt --vae_embed_dim 16 --batch_size 128 \
-        --data_path ${IMAGENET_PATH} --cached_path ${CACHED_PATH}
+        --data_path ${IMAGENET_PATH} --cached_path ${CACHED_PATH} [--cache_format packed]
+    python main_cache.py --convert_cache ${PER_FILE_CACHE} --cached_path ${PACKED_CACHE}
 
-The images are read from `<data_path>/train/<class>/<file>`. Every image is encoded with its horizontal flip and written to
-`<cached_path>/<class>/<file name>.npz` (keys `moments`, `moments_flip`, float32 (2C, h, w)).
-Ranks take disjoint slices of the sorted file list, so each image is written exactly once;
-every file appears atomically, so a killed job simply reruns and skips what is already there.
+The images are read from `<data_path>/train/<class>/<file>`. Every image is encoded with its
+horizontal flip; the two moment arrays (float32 (2C, h, w)) are written either to
+`<cached_path>/<class>/<file name>.npz` (keys `moments`, `moments_flip`; the default, as the
+reference) or, with `--cache_format packed`, as records of a few large files plus an index
+(format: util/packed_cache.py). `--convert_cache` packs an existing per-file cache (ours or the
+reference's) without the VAE, checking every file.
+Ranks take disjoint slices of the sorted list, so each image is written exactly once; every
+file (per-file form) or batch of records (packed form) is committed atomically, so a killed job
+simply reruns and skips what is already there.
 """
 import json
 import os
@@ -23,7 +29,10 @@ from models.tokenizer import build_tokenizer
 from util.args import cache_parser, check_positive
 from util.distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
 from util.fileio import atomic_write, remove_stale_temporaries
-from util.loader import ImageFolderWithFilename, image_transform, train_folder
+from util.loader import (CachedFolder, ImageFolderWithFilename, image_transform, load_cached_moments,
+                         train_folder)
+from util.packed_cache import (INDEX_NAME, SegmentWriter, committed_names, remove_packed,
+                               remove_uncommitted, write_index)
 
 FAILED_LIST = "failed_images.txt"
 
@@ -43,6 +52,12 @@ def existing_cache_files(cached_path: str, classes) -> set:
     return done
 
 
+def write_cache_file(path: Path, moments: np.ndarray, moments_flip: np.ndarray) -> None:
+    atomic_write(path, lambda f: np.savez(f, moments=moments, moments_flip=moments_flip))
+
+
+# ----- where the records come from: images (encoded) or a per-file cache (--convert_cache) --------
+
 def collate(batch):
     """Stack the readable images; pass unreadable ones on as (path, error)."""
     good = [(img, rel) for img, _, rel, err in batch if err is None]
@@ -51,15 +66,151 @@ def collate(batch):
     return images, [rel for _, rel in good], failed
 
 
-def encode_with_flip(tokenizer, images: torch.Tensor):
-    """Moments of the images and of their horizontal flips: two float32 arrays (B, 2C, h, w)."""
+def encode_with_flip(tokenizer, images: torch.Tensor) -> np.ndarray:
+    """Records of the images: (B, 2, 2C, h, w) float32, [:, 0] their moments, [:, 1] their flips'."""
     moments = tokenizer.moments(torch.cat([images, images.flip(dims=[3])]))
-    return moments.cpu().numpy().reshape(2, images.shape[0], *moments.shape[1:])
+    both = moments.cpu().numpy().reshape(2, images.shape[0], *moments.shape[1:])
+    return np.ascontiguousarray(both.swapaxes(0, 1))
 
 
-def write_cache_file(path: Path, moments: np.ndarray, moments_flip: np.ndarray) -> None:
-    atomic_write(path, lambda f: np.savez(f, moments=moments, moments_flip=moments_flip))
+class ImageSource:
+    """The training images, encoded with their flips by the VAE. names: "<class>/<file>"."""
 
+    def __init__(self, args, info):
+        try:  # loaded first: a missing or wrong VAE fails before anything is listed or written
+            self.tokenizer = build_tokenizer(vars(args), info.device)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if not self.tokenizer.cacheable:
+            raise SystemExit(f"error: --tokenizer {args.tokenizer} has nothing to cache")
+        self.args, self.device = args, info.device
+        self.dataset = ImageFolderWithFilename(train_folder(args.data_path),
+                                               image_transform(args.img_size, random_flip=False),
+                                               skip_bad=args.skip_bad)
+        self.classes = self.dataset.classes
+        self.names = [self.dataset.relative_path(i) for i in range(len(self.dataset))]
+        self.record_shape = (2, *self.tokenizer.cache_shape(args.img_size // self.tokenizer.stride))
+        self.action = f"encoding in {args.vae_precision} on {info.device}"
+
+    def batches(self, indices):
+        """(records (B, 2, 2C, h, w) or None, their names, [(name, error) of unreadable ones])."""
+        loader = DataLoader(Subset(self.dataset, indices), batch_size=self.args.batch_size,
+                            shuffle=False, num_workers=self.args.num_workers, collate_fn=collate,
+                            pin_memory=self.args.pin_mem and self.device.type == "cuda")
+        for images, names, failed in loader:
+            records = None if images is None else encode_with_flip(
+                self.tokenizer, images.to(self.device, non_blocking=True))
+            yield records, names, failed
+
+
+class PerFileSource:
+    """An existing per-file cache (ours or the reference's), each file checked: keys, dtype,
+    shape (that of the flags) and finite values."""
+
+    def __init__(self, args, info):
+        self.root = Path(args.convert_cache or args.cached_path)
+        tokenizer = build_tokenizer(vars(args), info.device, load=False)
+        shape = tokenizer.cache_shape(args.img_size // args.vae_stride)  # what training checks
+        self.folder = CachedFolder(self.root, expected_shape=shape)  # its listing fixes the order
+        self.classes = self.folder.classes
+        self.names = [Path(p).relative_to(self.root).as_posix()[:-4] for p, _ in self.folder.samples]
+        self.record_shape = (2, *shape)
+        self.batch_size, self.skip_bad = args.batch_size, args.skip_bad
+        self.action = f"packing the per-file cache {self.root} (no encoding)"
+
+    def record(self, index: int) -> np.ndarray:
+        path = self.folder.samples[index][0]
+        arrays = load_cached_moments(path, self.record_shape[1:])
+        for key, a in arrays.items():
+            if not np.isfinite(a).all():
+                raise ValueError(f"{path}: '{key}' holds {np.size(a) - np.isfinite(a).sum()} "
+                                 "non-finite values")
+        return np.stack([arrays["moments"], arrays["moments_flip"]])
+
+    def batches(self, indices):
+        for start in range(0, len(indices), self.batch_size):
+            records, names, failed = [], [], []
+            for i in indices[start:start + self.batch_size]:
+                try:
+                    records.append(self.record(i))
+                    names.append(self.names[i])
+                except ValueError as e:
+                    if not self.skip_bad:
+                        raise SystemExit(f"error: {e} (pass --skip_bad to list it and go on)") from None
+                    failed.append((self.names[i], str(e)))
+            yield (np.stack(records) if records else None), names, failed
+
+
+# ----- where the records go: the per-file or the packed form -----------------------------------
+
+class FileForm:
+    """`<cached_path>/<class>/<file>.npz`, one atomic file per image. (The two forms share their
+    constructor's and methods' signatures, so the job below does not care which it writes.)"""
+
+    def __init__(self, root: Path, record_shape, rank: int):
+        self.root = root  # a file's name and content say everything: no shape or rank needed
+
+    def prepare(self, classes, is_main: bool, overwrite: bool) -> None:
+        for cls in classes:
+            (self.root / cls).mkdir(parents=True, exist_ok=True)
+        if is_main:  # temporaries of a killed run; only safe before any rank writes
+            for cls in classes:
+                remove_stale_temporaries(self.root / cls)
+
+    def committed(self, classes) -> set:
+        return existing_cache_files(self.root, classes)
+
+    def write(self, names, records: np.ndarray) -> None:
+        for name, record in zip(names, records):
+            write_cache_file(cache_file(self.root, name), record[0], record[1])
+
+    def close(self) -> None:
+        pass
+
+    def finish(self, classes, record_shape) -> tuple:
+        """(layout line, summary counts); rank 0, once every rank is done."""
+        files = sum(1 for _ in self.root.glob("*/*.npz"))
+        sample = next(self.root.glob("*/*.npz"), None)
+        size_gb = files * sample.stat().st_size / 1e9 if sample else 0.0
+        return (f"layout: {self.root}/<class>/<file>.npz with keys moments, moments_flip "
+                f"(float32, {'x'.join(map(str, record_shape[1:]))}); {files} files, "
+                f"{size_gb:.2f} GB"), {"files": files}
+
+
+class PackedForm:
+    """Records in this rank's segment files, indexed once every rank is done (util/packed_cache.py)."""
+
+    def __init__(self, root: Path, record_shape, rank: int):
+        self.root, self.record_shape = root, record_shape
+        self.writer = SegmentWriter(root, rank, record_shape)
+
+    def prepare(self, classes, is_main: bool, overwrite: bool) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if is_main:  # only safe before any rank writes
+            if overwrite:
+                remove_packed(self.root)
+            remove_stale_temporaries(self.root)
+
+    def committed(self, classes) -> set:
+        return committed_names(self.root, self.record_shape)
+
+    def write(self, names, records: np.ndarray) -> None:
+        self.writer.append(names, records)
+
+    def close(self) -> None:
+        self.writer.close()
+
+    def finish(self, classes, record_shape) -> tuple:
+        remove_uncommitted(self.root)
+        records = write_index(self.root, classes, record_shape)
+        segments = sorted(self.root.glob("seg-r*.bin"))
+        size_gb = sum(s.stat().st_size for s in segments) / 1e9
+        return (f"layout: packed, {self.root / INDEX_NAME} indexing {records} records of "
+                f"float32 {'x'.join(map(str, record_shape))} in {len(segments)} segment file(s), "
+                f"{size_gb:.2f} GB"), {"records": records, "segments": len(segments)}
+
+
+# ----- the job --------------------------------------------------------------------------------------
 
 def check_args(args) -> None:
     check_positive(args, "batch_size", "img_size")
@@ -68,81 +219,78 @@ def check_args(args) -> None:
                          f"got {args.img_size}")
     if not args.cached_path:
         raise SystemExit("error: --cached_path is required: the folder to write the cache to")
-    if not train_folder(args.data_path).is_dir():
+    if args.convert_cache is not None:
+        if args.cache_format == "files":
+            raise SystemExit("error: --convert_cache writes the packed form; drop --cache_format files")
+        args.cache_format = "packed"
+    elif not train_folder(args.data_path).is_dir():
         raise SystemExit(f"error: --data_path {args.data_path}: expected the training images in "
                          f"{train_folder(args.data_path)}/<class>/<image> (the ImageNet layout)")
+    args.cache_format = args.cache_format or "files"
 
 
-def report(args, tokenizer, counts, failures, seconds: float) -> None:
+def encode_all(source, form, todo, info) -> tuple:
+    """Write the records of `todo` (indices into source.names); (written, [(name, error)])."""
+    written, failures = 0, []
+    bar = tqdm(total=len(todo), unit="img", disable=not info.is_main, smoothing=0.1)
+    for records, names, failed in source.batches(todo):
+        failures += failed
+        for rel, err in failed:
+            print(f"[rank {info.rank}] skipping unreadable {rel}: {err}")
+        if names:
+            form.write(names, records)
+            written += len(names)
+        bar.update(len(names) + len(failed))
+        bar.set_postfix(all_ranks=f"{(bar.format_dict['rate'] or 0) * info.world_size:.0f} img/s")
+    bar.close()
+    form.close()
+    return written, failures
+
+
+def write_failed_list(root: Path, failures) -> None:
+    failed_list = root / FAILED_LIST
+    if failures:
+        text = "".join(f"{rel}\t{err}\n" for rel, err in sorted(failures))
+        atomic_write(failed_list, lambda f: f.write(text.encode()))
+    else:  # a list from an earlier run would name images that are cached by now
+        failed_list.unlink(missing_ok=True)
+
+
+def report(layout: str, summary: dict, counts, root: Path, seconds: float) -> None:
     written, skipped, failed = (int(c) for c in counts)
-    files = sum(1 for _ in Path(args.cached_path).glob("*/*.npz"))
-    sample = next(Path(args.cached_path).glob("*/*.npz"), None)
-    size_gb = files * sample.stat().st_size / 1e9 if sample else 0.0
     print(f"cache done in {seconds:.0f} s: {written} written, {skipped} already cached, "
           f"{failed} failed")
-    print(f"layout: {args.cached_path}/<class>/<file>.npz with keys moments, moments_flip "
-          f"(float32, {'x'.join(map(str, tokenizer.cache_shape(args.img_size // tokenizer.stride)))}); "
-          f"{files} files, {size_gb:.2f} GB")
-    if failures:
-        print(f"unreadable images listed in {Path(args.cached_path) / FAILED_LIST}")
-    print(json.dumps({"written": written, "skipped": skipped, "failed": failed, "files": files}))
+    print(layout)
+    if failed:
+        print(f"unreadable images listed in {root / FAILED_LIST}")
+    print(json.dumps({"written": written, "skipped": skipped, "failed": failed, **summary}))
 
 
 def main(args) -> None:
     check_args(args)
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp, args.dist_timeout)
-    try:  # loaded first: a missing or wrong VAE fails before anything is listed or written
-        tokenizer = build_tokenizer(vars(args), info.device)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
-    if not tokenizer.cacheable:
-        raise SystemExit(f"error: --tokenizer {args.tokenizer} has nothing to cache")
+    root = Path(args.cached_path)
+    source = (PerFileSource if args.convert_cache is not None else ImageSource)(args, info)
     torch.manual_seed(args.seed + info.rank)
-    dataset = ImageFolderWithFilename(train_folder(args.data_path), image_transform(args.img_size, random_flip=False),
-                                      skip_bad=args.skip_bad)
-    for cls in dataset.classes:
-        (Path(args.cached_path) / cls).mkdir(parents=True, exist_ok=True)
-    if info.is_main:  # temporaries of a killed run; only safe before any rank writes
-        for cls in dataset.classes:
-            remove_stale_temporaries(Path(args.cached_path) / cls)
+    form = (PackedForm if args.cache_format == "packed" else FileForm)(root, source.record_shape, info.rank)
+    form.prepare(source.classes, info.is_main, args.overwrite)
     barrier()  # every rank sees the same cache state before anyone writes
 
-    done = set() if args.overwrite else existing_cache_files(args.cached_path, dataset.classes)
-    shard = range(info.rank, len(dataset), info.world_size)  # disjoint, no padding
-    todo = [i for i in shard if dataset.relative_path(i) not in done]
-    loader = DataLoader(Subset(dataset, todo), batch_size=args.batch_size, shuffle=False,
-                        num_workers=args.num_workers, collate_fn=collate,
-                        pin_memory=args.pin_mem and info.device.type == "cuda")
+    done = set() if args.overwrite else form.committed(source.classes)
+    shard = range(info.rank, len(source.names), info.world_size)  # disjoint, no padding
+    todo = [i for i in shard if source.names[i] not in done]
     if info.is_main:
-        print(f"{len(dataset)} images in {len(dataset.classes)} classes, {info.world_size} "
-              f"process(es), {len(done)} already cached; encoding in {args.vae_precision} on "
-              f"{info.device}")
-
-    start, written, failures = time.time(), 0, []
-    bar = tqdm(total=len(todo), unit="img", disable=not info.is_main, smoothing=0.1)
-    for images, paths, failed in loader:
-        failures += failed
-        for rel, err in failed:
-            print(f"[rank {info.rank}] skipping unreadable image {rel}: {err}")
-        if images is not None:
-            both = encode_with_flip(tokenizer, images.to(info.device, non_blocking=True))
-            for i, rel in enumerate(paths):
-                write_cache_file(cache_file(args.cached_path, rel), both[0, i], both[1, i])
-            written += len(paths)
-        bar.update(len(paths) + len(failed))
-        bar.set_postfix(all_ranks=f"{(bar.format_dict['rate'] or 0) * info.world_size:.0f} img/s")
-    bar.close()
+        print(f"{len(source.names)} images in {len(source.classes)} classes, {info.world_size} "
+              f"process(es), {len(done)} already cached; {source.action}")
+    start = time.time()
+    written, failures = encode_all(source, form, todo, info)
 
     counts = all_reduce_sum([written, len(shard) - len(todo), len(failures)], info.device)
     all_failures = [f for rank_failures in all_gather_objects(failures) for f in rank_failures]
-    if info.is_main:
-        failed_list = Path(args.cached_path) / FAILED_LIST
-        if all_failures:
-            text = "".join(f"{rel}\t{err}\n" for rel, err in sorted(all_failures))
-            atomic_write(failed_list, lambda f: f.write(text.encode()))
-        else:  # a list from an earlier run would name images that are cached by now
-            failed_list.unlink(missing_ok=True)
-        report(args, tokenizer, counts, all_failures, time.time() - start)
+    if info.is_main:  # the collectives above: every rank has committed everything
+        write_failed_list(root, all_failures)
+        layout, summary = form.finish(source.classes, source.record_shape)
+        report(layout, summary, counts, root, time.time() - start)
     cleanup()
 
 

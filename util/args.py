@@ -189,13 +189,22 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
 def cache_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Encode every training image and its horizontal flip with the VAE and store "
-                    "the moments as <cached_path>/<class>/<file>.npz.")
+                    "the moments as <cached_path>/<class>/<file>.npz (or, with --cache_format "
+                    "packed, in a few large files).")
     add_data_args(p)
     add_system_args(p)
     p.set_defaults(batch_size=128)
     g = p.add_argument_group("caching")
     g.add_argument("--precision", dest="vae_precision", default=argparse.SUPPRESS,
                    choices=PRECISIONS, help="the same as --vae_precision")
+    g.add_argument("--cache_format", choices=["files", "packed"], default=None,
+                   help="files (default, the reference's): <cached_path>/<class>/<file>.npz; "
+                        "packed: a few large memory-mapped files plus an index, for big "
+                        "datasets and network file systems (util/packed_cache.py)")
+    g.add_argument("--convert_cache", nargs="?", const="", default=None, metavar="PER_FILE_CACHE",
+                   help="no encoding: pack the per-file cache in PER_FILE_CACHE (default: "
+                        "--cached_path itself) into the packed form at --cached_path, checking "
+                        "every file")
     g.add_argument("--overwrite", action="store_true", help="re-encode files already in the cache")
     g.add_argument("--skip_bad", action="store_true",
                    help="log unreadable images to <cached_path>/failed_images.txt and continue "

@@ -107,7 +107,7 @@ def build_dataset(args, tokenizer):
     --class_num. The datasets' `channels` are those of their images."""
     from torchvision.datasets import ImageFolder
 
-    from util.loader import CachedFolder, ClassSubset, image_transform, load_rgb, train_folder
+    from util.loader import ClassSubset, image_transform, load_rgb, train_folder
     if args.dataset == "digits":
         from util.digits import DigitsDataset
         dataset, source = DigitsDataset(), "--dataset digits"
@@ -118,7 +118,7 @@ def build_dataset(args, tokenizer):
         if not args.cached_path:
             raise SystemExit("error: --use_cached needs --cached_path (the main_cache.py output)")
         side = args.img_size // args.vae_stride
-        dataset = CachedFolder(args.cached_path, expected_shape=tokenizer.cache_shape(side))
+        dataset = open_cache(args.cached_path, tokenizer.cache_shape(side))
         dataset[0]  # fail now, not mid-epoch, if the cache does not match the flags
         source = f"--cached_path {args.cached_path}"
     else:
@@ -171,6 +171,17 @@ def dataset_class_ids(args, labels):
     """The dataset's own class ids of model labels (the same, without --classes)."""
     classes = getattr(args, "dataset_classes", None)
     return np.asarray(classes)[labels] if classes else labels
+
+
+def open_cache(root, expected_shape):
+    """The cache at `root` in either form: packed when its index is there (read without listing
+    the folder), else the per-file `<class>/<file>.npz` folder. Both give the same samples in the
+    same order."""
+    from util.loader import CachedFolder
+    from util.packed_cache import PackedLatents, is_packed
+    if is_packed(root):
+        return PackedLatents(root, expected_shape)
+    return CachedFolder(root, expected_shape)
 
 
 def build_loader(dataset, args, info: DistInfo) -> DataLoader:

@@ -17,6 +17,12 @@ from util.crop import center_crop_arr
 CACHE_KEYS = ("moments", "moments_flip")
 
 
+def draw_flip() -> int:
+    """0 (the image) or 1 (its flip), p = 1/2: the one random draw a cached sample costs. Both
+    cache forms call it, so the same seed makes the same flip choices from either."""
+    return int(torch.randint(0, 2, ()))
+
+
 def train_folder(data_path) -> Path:
     """Training images live in `<data_path>/train/<class>/<image>`, as in ImageNet's layout."""
     return Path(data_path) / "train"
@@ -116,8 +122,7 @@ class CachedFolder(DatasetFolder):
     def __getitem__(self, index):
         path, label = self.samples[index]
         arrays = load_cached_moments(path, self.expected_shape)
-        key = CACHE_KEYS[int(torch.randint(0, 2, ()))]
-        return torch.from_numpy(arrays[key]), label
+        return torch.from_numpy(arrays[CACHE_KEYS[draw_flip()]]), label
 
 
 def parse_classes(text: str, class_names: list = None) -> list:
