@@ -287,3 +287,16 @@ def test_main_stats_equals_torch_fidelity_one_process_and_two(image_folder, ince
 def test_main_stats_of_some_classes(image_folder, inception_weights, tmp_path):  # noqa: F811
     some = stats_run(image_folder, tmp_path / "c1.npz", inception_weights, 1, "--classes", "class1")
     assert int(some["num_images"]) == 6 and not math.isnan(float(some["mu"][0]))
+
+
+def test_digit_scores_of_a_class_subset_compare_with_those_classes():
+    """Real training digits 5-9 scored as samples: their Frechet distance is the ceiling of
+    5-9 (held-out 5-9 against training 5-9), not a distance to all ten digits."""
+    from util.digits import DigitClassifier
+    classifier = DigitClassifier()
+    keep = np.isin(classifier.y_train, [5, 6, 7, 8, 9])
+    subset = classifier.quality(classifier.x_train[keep], classifier.y_train[keep])
+    assert subset["frechet"] == pytest.approx(classifier.ceiling([5, 6, 7, 8, 9])["frechet"], rel=1e-9)
+    assert subset["frechet"] < 2  # against all ten digits it would be about 14
+    everything = classifier.quality(classifier.x_train, classifier.y_train)
+    assert everything["frechet"] == pytest.approx(classifier.ceiling()["frechet"], rel=1e-9)

@@ -60,7 +60,7 @@ class DigitClassifier:
     def __init__(self, seed: int = 0):
         from sklearn.linear_model import LogisticRegression
         x_tr, y_tr, self.x_held, self.y_held = digits_split()
-        self.x_train = x_tr
+        self.x_train, self.y_train = x_tr, y_tr
         self.model = LogisticRegression(max_iter=2000, random_state=seed).fit(self.inputs(x_tr), y_tr)
 
     @staticmethod
@@ -74,15 +74,25 @@ class DigitClassifier:
     def accuracy(self, images: np.ndarray, labels: np.ndarray) -> float:
         return float(np.mean(self.model.predict(self.inputs(images)) == np.asarray(labels)))
 
-    def quality(self, images: np.ndarray, labels: np.ndarray) -> dict:
-        """Accuracy of the assigned classes and Frechet distance to the held-out real digits."""
-        return {"accuracy": self.accuracy(images, labels),
-                "frechet": frechet_distance(self.features(self.x_held), self.features(images))}
+    def held_out(self, classes) -> tuple:
+        """The held-out real digits (and labels) of these classes (None: all ten)."""
+        keep = np.ones(len(self.y_held), bool) if classes is None else np.isin(self.y_held, classes)
+        return self.x_held[keep], self.y_held[keep]
 
-    def ceiling(self) -> dict:
-        """The same numbers for real digits: held-out accuracy; held-out vs training distance."""
-        return {"accuracy": self.accuracy(self.x_held, self.y_held),
-                "frechet": frechet_distance(self.features(self.x_held), self.features(self.x_train))}
+    def quality(self, images: np.ndarray, labels: np.ndarray) -> dict:
+        """Accuracy of the assigned classes and Frechet distance to the held-out real digits of
+        the same classes (a model of digits 5-9 is compared with real 5-9s, not with all ten)."""
+        reference, _ = self.held_out(np.unique(labels))
+        return {"accuracy": self.accuracy(images, labels),
+                "frechet": frechet_distance(self.features(reference), self.features(images))}
+
+    def ceiling(self, classes=None) -> dict:
+        """The same numbers for real digits of these classes: held-out accuracy; held-out vs
+        training distance."""
+        x_held, y_held = self.held_out(classes)
+        x_train = self.x_train if classes is None else self.x_train[np.isin(self.y_train, classes)]
+        return {"accuracy": self.accuracy(x_held, y_held),
+                "frechet": frechet_distance(self.features(x_held), self.features(x_train))}
 
 
 class DigitMetrics:
@@ -101,8 +111,9 @@ class DigitMetrics:
         # By index, not by name: as strings, 100000.png would sort before 10001.png.
         images = np.stack([read_sample(folder, i, "L") for i in range(len(labels))])
         np.savez(self.output_dir / f"samples-{name}.npz", images=images, labels=labels)
+        classes = np.unique(labels)
         return {**self.classifier.quality(images, labels), "num_images": len(images),
-                "ceiling": self.classifier.ceiling()}
+                "ceiling": self.classifier.ceiling(None if len(classes) == NUM_CLASSES else classes)}
 
     # The sweep plot's axes: Frechet distance against accuracy.
     sweep_axes = ("frechet", "accuracy")
