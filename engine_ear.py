@@ -114,38 +114,37 @@ def train_one_epoch(state: TrainState, loader, to_tokens: TokenBatches, position
     state.train_model.train(True)
     epoch, k = position.epoch, args.accumulation_steps
     steps, first = batches_per_epoch(loader) // k, position.step // k
-    with requests.held():  # the loader's workers start here
-        batches = iter(loader)
     images_per_step = args.batch_size * k * args.world_size
     bar = tqdm(range(first, steps), initial=first, total=steps, desc=f"epoch {epoch}",
                disable=not is_main, dynamic_ncols=True)
     total_loss, tick, last_logged = position.loss_sum, time.time(), first - 1
-    for step in bar:
-        lr = epoch_lr(epoch, step, steps, args)
-        set_lr(state.optimizer, lr)
-        micro_batches = [to_tokens(next(batches)) for _ in range(k)]
-        try:
-            loss, grad_norm = optimizer_step(state, micro_batches, args, requests)
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(
-                f"non-finite {e} at epoch {epoch}, step {step}: training stopped on every rank. "
-                f"The last checkpoint in {args.output_dir} is intact; resume from it with a "
-                "lower --blr, --precision bf16/fp32 or a smaller --grad_clip") from None
-        loss_value = loss.item()
-        total_loss += loss_value
-        if step % args.print_freq == 0 or step == steps - 1:
-            now = time.time()
-            rate = images_per_step * (step - last_logged) / (now - tick)
-            tick, last_logged = now, step
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", grad_norm=f"{float(grad_norm):.3f}",
-                            img_s=f"{rate:.1f}")
-            global_loss = mean_over_ranks(loss)
-            if loggers is not None:
+    with requests.batches(loader) as batches:
+        for step in bar:
+            lr = epoch_lr(epoch, step, steps, args)
+            set_lr(state.optimizer, lr)
+            micro_batches = [to_tokens(next(batches)) for _ in range(k)]
+            try:
+                loss, grad_norm = optimizer_step(state, micro_batches, args, requests)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(
+                    f"non-finite {e} at epoch {epoch}, step {step}: training stopped on every "
+                    f"rank. The last checkpoint in {args.output_dir} is intact; resume from it "
+                    "with a lower --blr, --precision bf16/fp32 or a smaller --grad_clip") from None
+            loss_value = loss.item()
+            total_loss += loss_value
+            if step % args.print_freq == 0 or step == steps - 1:
+                now = time.time()
+                rate = images_per_step * (step - last_logged) / (now - tick)
+                tick, last_logged = now, step
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                grad_norm=f"{float(grad_norm):.3f}", img_s=f"{rate:.1f}")
+                global_loss = mean_over_ranks(loss)
                 x = int((epoch + step / steps) * 1000)  # the reference's epoch_1000x axis
                 loggers.scalars({"train_loss": global_loss, "lr": lr, "grad_norm": float(grad_norm),
                                  "images_per_sec": rate}, x, "epoch_1000x")
-        if requests.save:
-            save_inside_epoch(EpochPosition(epoch, (step + 1) * k, total_loss), requests, save, bar)
+            if requests.save:
+                save_inside_epoch(EpochPosition(epoch, (step + 1) * k, total_loss), requests,
+                                  save, bar)
     bar.close()
     return {"loss": total_loss / max(steps, 1),
             "lr": epoch_lr(epoch, steps - 1, steps, args) if steps else float("nan")}

@@ -1,10 +1,12 @@
 """Checkpoints inside an epoch, on a signal or by the clock, and resuming there bit for bit
 (SPEC section 6; docs/training.md "Preemption"). Tiny cached-latent runs on the CPU in fp32."""
+import multiprocessing
 import os
 import signal
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 import engine_ear
 import util.checkpoint
@@ -12,7 +14,7 @@ from conftest import run_script
 from signal_at import signalling_fetch
 from test_train import assert_same_training, run_in_process, train_args, write_cache
 from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
-from util.resumable import EXIT_REQUEUE, parse_signals
+from util.resumable import EXIT_REQUEUE, SeededSamples, parse_signals
 
 # 48 cached latents in micro-batches of 4: 12 micro-batches an epoch in one process, 6 in each of
 # two. No dropout, so that fp32 runs can be compared bit for bit.
@@ -75,6 +77,7 @@ def test_a_signal_inside_an_epoch_saves_there_and_resuming_is_exact(
                          while_saving=kill_self("SIGINT"))
     assert status == EXIT_REQUEUE
     assert signal.getsignal(signal.Signals[sig]) is signal.SIG_DFL  # handlers put back
+    assert not multiprocessing.active_children()  # loader workers stopped, not left to exit
     ckpt = load_training_checkpoint(split / CHECKPOINT_NAME)
     assert (ckpt["epoch"], ckpt["step"]) == saved and len(ckpt["rng"]) == 1
     # Extra keys only: the reference's resume reads the rest.
@@ -134,3 +137,20 @@ def test_save_signals_flag():
     for bad in ("TERM,NOPE", "KILL"):
         with pytest.raises(SystemExit, match="--save_signals"):
             parse_signals(bad)
+
+
+def test_each_sample_draws_its_flip_from_seed_epoch_and_index():
+    class Coins(Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, index):
+            return int(torch.randint(0, 2, ()))
+    coins = SeededSamples(Coins(), seed=1)
+    before = torch.get_rng_state()
+    flips = [coins[i] for i in range(64)]
+    assert torch.equal(torch.get_rng_state(), before)  # the training's generator is untouched
+    assert [coins[i] for i in reversed(range(64))][::-1] == flips  # in any order, by any process
+    assert 16 < sum(flips) < 48  # and still random
+    coins.set_epoch(1)
+    assert [coins[i] for i in range(64)] != flips

@@ -70,14 +70,21 @@ class SaveRequests:
                 signal.signal(sig, handler)
 
     @contextlib.contextmanager
-    def held(self):
-        """Hold the signals back inside the block (delivered after it): loader workers started
-        here begin with them blocked, until `ignore_signals` has made them ignore them."""
+    def batches(self, loader):
+        """The loader's iterator for one pass. Its workers start with the signals held back
+        (until `ignore_signals` makes them ignore them), and are shut down on leaving the block
+        however the epoch ends: left to the interpreter's exit, whose SIGTERM they ignore, they
+        would be waited for forever."""
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
         try:
-            yield
+            iterator = iter(loader)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        try:
+            yield iterator
+        finally:
+            if hasattr(iterator, "_shutdown_workers"):  # none without workers
+                iterator._shutdown_workers()
 
     def votes(self) -> list:
         """[no signal here, rank 0's clock not due]: True to carry on; the ranks AND them."""
