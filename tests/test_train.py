@@ -20,6 +20,7 @@ from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from util.builders import TrainState, build_train_state, resolve_args
 from util.distributed import DistInfo
 from util.optim import EMA, lr_at, param_groups, set_lr
+from util.resumable import EpochPosition
 
 # A small EAR through the same flags a user types: 8px "images", stride 4 -> 2x2 latents of 4
 # channels, 3 classes.
@@ -369,7 +370,8 @@ def test_reference_optimizer_state_loads_here_and_ours_loads_there(tmp_path):
     resolve_args(args, DistInfo())
     model = tiny_model()
     state = build_train_state(model, args, DistInfo())
-    assert main_ear.resume(state, args, DistInfo()) == 5
+    # The reference's checkpoint has no `step`: the next epoch, from its start.
+    assert main_ear.resume(state, args, DistInfo()) == EpochPosition(5)
     ours = optimizer_state_by_name(model, state.optimizer)
     theirs = optimizer_state_by_name(ref_model, ref_opt)
     assert ours.keys() == theirs.keys() and len(ours) == len(list(model.parameters()))
