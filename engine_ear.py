@@ -13,12 +13,14 @@ import torch.nn as nn
 from tqdm import tqdm
 
 from models.heads import HEADS
-from util.builders import TrainState, dataset_class_ids
-from util.distributed import MainRankFailed, barrier, run_on_main
+from util.builders import TrainState, batches_per_epoch, dataset_class_ids
+from util.distributed import MainRankFailed, all_ranks_true, barrier, run_on_main
 from util.images import (NPZ_PERMUTATION_SEED, read_sample, sample_file, save_grid, save_png,
                           to_uint8, write_adm_npz)
+from util.loggers import Loggers
 from util.optim import lr_at, set_lr
 from util.precision import autocast, resolve_precision
+from util.resumable import EpochPosition, Preempted, SaveRequests
 
 
 class TokenBatches:
@@ -46,10 +48,7 @@ class MetricsUnavailable(RuntimeError):
 def all_ranks_finite(*values: torch.Tensor) -> list:
     """For each tensor, True when it is finite on every rank (one tiny all-reduce for all of
     them), so every rank takes the same decision."""
-    flags = torch.stack([torch.isfinite(v).all() for v in values]).float()
-    if dist.is_initialized():
-        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-    return [bool(f) for f in flags.tolist()]
+    return all_ranks_true([torch.isfinite(v).all() for v in values], values[0].device)
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
@@ -60,7 +59,7 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item()
 
 
-def optimizer_step(state: TrainState, micro_batches, args) -> tuple:
+def optimizer_step(state: TrainState, micro_batches, args, requests: SaveRequests = None) -> tuple:
     """Forward/backward over the micro-batches, then one update. Returns (loss, grad norm).
 
     Gradients are all-reduced only on the last micro-batch (DDP no_sync before it). The loss
@@ -68,6 +67,8 @@ def optimizer_step(state: TrainState, micro_batches, args) -> tuple:
     Raises NonFiniteLoss on every rank, before the weights change, when the loss or (without a
     loss scaler) the gradient norm is NaN or infinite on any rank. With fp16 the scaler owns
     non-finite gradients: it skips that update and lowers its scale, as AMP intends.
+    The ranks' votes on `requests` (a signal, rank 0's save clock) ride in the same all-reduce
+    as the finiteness check, so agreeing on a checkpoint costs no extra collective.
     """
     k = len(micro_batches)
     loss_sum = torch.zeros((), device=state.device)
@@ -82,7 +83,11 @@ def optimizer_step(state: TrainState, micro_batches, args) -> tuple:
     state.scaler.unscale_(state.optimizer)
     max_norm = args.grad_clip if args.grad_clip > 0 else math.inf
     grad_norm = nn.utils.clip_grad_norm_(state.model.parameters(), max_norm)
-    loss_ok, grad_ok = all_ranks_finite(loss, grad_norm)
+    votes = requests.votes() if requests is not None else []
+    loss_ok, grad_ok, *carry_on = all_ranks_true(
+        [torch.isfinite(loss), torch.isfinite(grad_norm), *votes], state.device)
+    if requests is not None:
+        requests.agree(carry_on)
     if not loss_ok or not (grad_ok or state.scaler.is_enabled()):
         state.optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss("loss" if not loss_ok else "gradient norm")
@@ -93,46 +98,66 @@ def optimizer_step(state: TrainState, micro_batches, args) -> tuple:
     return loss, grad_norm
 
 
-def train_one_epoch(state: TrainState, loader, to_tokens: TokenBatches, epoch: int, args,
-                    log_writer=None, is_main: bool = True) -> dict:
-    """One pass over the loader: len(loader) // accumulation_steps optimizer steps (a remainder
-    smaller than one step is left out). Returns the epoch's mean loss and last lr."""
+def epoch_lr(epoch: int, step: int, steps: int, args) -> float:
+    """The learning rate of optimizer step `step` of `steps` in `epoch`."""
+    return lr_at(epoch + step / steps, args.lr, args.warmup_epochs, args.epochs, args.lr_schedule,
+                 args.min_lr)
+
+
+def train_one_epoch(state: TrainState, loader, to_tokens: TokenBatches, position: EpochPosition,
+                    args, loggers: Loggers, is_main: bool, requests: SaveRequests, save) -> dict:
+    """The rest of epoch `position.epoch`, from its micro-batch `position.step` (the loader is
+    set to start there): batches_per_epoch // accumulation_steps optimizer steps in a whole
+    epoch (a remainder smaller than one step is left out). After a step on which the ranks
+    agreed on a save request, save(EpochPosition after that step); on a signal, then raise
+    Preempted. Returns the epoch's mean loss (rank 0's) and last lr."""
     state.train_model.train(True)
-    k = args.accumulation_steps
-    steps = len(loader) // k
-    batches = iter(loader)
+    epoch, k = position.epoch, args.accumulation_steps
+    steps, first = batches_per_epoch(loader) // k, position.step // k
     images_per_step = args.batch_size * k * args.world_size
-    bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not is_main, dynamic_ncols=True)
-    total_loss, tick, last_logged = 0.0, time.time(), -1
-    for step in bar:
-        lr = lr_at(epoch + step / steps, args.lr, args.warmup_epochs, args.epochs,
-                   args.lr_schedule, args.min_lr)
-        set_lr(state.optimizer, lr)
-        micro_batches = [to_tokens(next(batches)) for _ in range(k)]
-        try:
-            loss, grad_norm = optimizer_step(state, micro_batches, args)
-        except NonFiniteLoss as e:
-            raise NonFiniteLoss(
-                f"non-finite {e} at epoch {epoch}, step {step}: training stopped on every rank. "
-                f"The last checkpoint in {args.output_dir} is intact; resume from it with a "
-                "lower --blr, --precision bf16/fp32 or a smaller --grad_clip") from None
-        loss_value = loss.item()
-        total_loss += loss_value
-        if step % args.print_freq == 0 or step == steps - 1:
-            now = time.time()
-            rate = images_per_step * (step - last_logged) / (now - tick)
-            tick, last_logged = now, step
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", grad_norm=f"{float(grad_norm):.3f}",
-                            img_s=f"{rate:.1f}")
-            global_loss = mean_over_ranks(loss)
-            if log_writer is not None:
+    bar = tqdm(range(first, steps), initial=first, total=steps, desc=f"epoch {epoch}",
+               disable=not is_main, dynamic_ncols=True)
+    total_loss, tick, last_logged = position.loss_sum, time.time(), first - 1
+    with requests.batches(loader) as batches:
+        for step in bar:
+            lr = epoch_lr(epoch, step, steps, args)
+            set_lr(state.optimizer, lr)
+            micro_batches = [to_tokens(next(batches)) for _ in range(k)]
+            try:
+                loss, grad_norm = optimizer_step(state, micro_batches, args, requests)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(
+                    f"non-finite {e} at epoch {epoch}, step {step}: training stopped on every "
+                    f"rank. The last checkpoint in {args.output_dir} is intact; resume from it "
+                    "with a lower --blr, --precision bf16/fp32 or a smaller --grad_clip") from None
+            loss_value = loss.item()
+            total_loss += loss_value
+            if step % args.print_freq == 0 or step == steps - 1:
+                now = time.time()
+                rate = images_per_step * (step - last_logged) / (now - tick)
+                tick, last_logged = now, step
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                                grad_norm=f"{float(grad_norm):.3f}", img_s=f"{rate:.1f}")
+                global_loss = mean_over_ranks(loss)
                 x = int((epoch + step / steps) * 1000)  # the reference's epoch_1000x axis
-                log_writer.add_scalar("train_loss", global_loss, x)
-                log_writer.add_scalar("lr", lr, x)
-                log_writer.add_scalar("grad_norm", float(grad_norm), x)
-                log_writer.add_scalar("images_per_sec", rate, x)
+                loggers.scalars({"train_loss": global_loss, "lr": lr, "grad_norm": float(grad_norm),
+                                 "images_per_sec": rate}, x, "epoch_1000x")
+            if requests.save:
+                save_inside_epoch(EpochPosition(epoch, (step + 1) * k, total_loss), requests,
+                                  save, bar)
     bar.close()
-    return {"loss": total_loss / max(steps, 1), "lr": lr if steps else float("nan")}
+    return {"loss": total_loss / max(steps, 1),
+            "lr": epoch_lr(epoch, steps - 1, steps, args) if steps else float("nan")}
+
+
+def save_inside_epoch(position: EpochPosition, requests: SaveRequests, save, bar) -> None:
+    """Every rank: save(position) (the ranks agreed on it); after a signal, stop training."""
+    save(position)
+    requests.saved()
+    if requests.stop:
+        bar.close()
+        cause = requests.received.name if requests.received else "a signal to another rank"
+        raise Preempted(f"stopped by {cause} at epoch {position.epoch}, micro-batch {position.step}")
 
 
 # ----- generation and evaluation ----------------------------------------------------------------
@@ -231,7 +256,7 @@ def generate_share(model, decode, folder: Path, cfg: float, temperature: float, 
 
 
 def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, temperature: float,
-             batch_size: int, log_writer=None) -> dict:
+             batch_size: int, loggers: Loggers = None) -> dict:
     """Generate args.num_images images with `model` as it is (the caller puts the EMA weights
     in) across ranks, then on rank 0: a grid (a row per class), the measurement by `metrics`
     (FID/IS/precision/recall for ImageNet, classifier scores for the digits), with --save_npz
@@ -247,7 +272,7 @@ def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, tempera
     barrier()
 
     def measure():
-        result = measure_samples(folder, name, metrics, args, epoch, seconds, log_writer,
+        result = measure_samples(folder, name, metrics, args, epoch, seconds, loggers,
                                  {"cfg": cfg, "infer_temperature": temperature})
         if not args.keep_samples:
             shutil.rmtree(folder)
@@ -256,8 +281,8 @@ def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, tempera
 
 
 def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds: float,
-                    log_writer, point: dict) -> dict:
-    """Rank 0's part of `evaluate`: grid, metrics, ADM export, JSON line, TensorBoard."""
+                    loggers: Loggers, point: dict) -> dict:
+    """Rank 0's part of `evaluate`: grid, metrics, ADM export, JSON line, TensorBoard/W&B."""
     out = Path(args.output_dir)
     grid = np.stack([read_sample(folder, i) for i in grid_indices(args.num_images, args.class_num)])
     grid = grid[..., None] if grid.ndim == 3 else grid
@@ -279,10 +304,10 @@ def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds:
           + f" over {measured['num_images']} images; {seconds:.4f} s/image per device; grid {grid_path}")
     with open(out / "eval_results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
-    if log_writer is not None:
+    if loggers is not None:
         suffix = "_ema" + (f"_cfg{point['cfg']}" if point["cfg"] != 1.0 else "")
         if len(args.infer_temperature) > 1:
             suffix += f"_temp{point['infer_temperature']}"
-        for key, value in scores.items():
-            log_writer.add_scalar(f"{key}{suffix}", value, epoch)
+        loggers.scalars({f"{key}{suffix}": value for key, value in scores.items()}, epoch, "epoch")
+        loggers.result(name, result)
     return result

@@ -20,6 +20,7 @@ from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from util.builders import TrainState, build_train_state, resolve_args
 from util.distributed import DistInfo
 from util.optim import EMA, lr_at, param_groups, set_lr
+from util.resumable import EpochPosition
 
 # A small EAR through the same flags a user types: 8px "images", stride 4 -> 2x2 latents of 4
 # channels, 3 classes.
@@ -99,6 +100,20 @@ def test_loss_decreases_on_learnable_latents(cache, tmp_path):
     assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
 
 
+def assert_same_training(folder_a: Path, folder_b: Path, epoch: int) -> None:
+    """The checkpoints in the two folders are at `epoch`'s end with the same model, EMA and
+    optimizer state, bit for bit, and their log.txt the same epoch losses."""
+    assert epoch_losses(folder_a) == epoch_losses(folder_b)
+    a, b = (load_training_checkpoint(folder / CHECKPOINT_NAME) for folder in (folder_a, folder_b))
+    assert a["epoch"] == b["epoch"] == epoch and "step" not in a and "step" not in b
+    for key in ("model", "model_ema"):
+        for name, value in a[key].items():
+            assert torch.equal(value, b[key][name]), f"{key}.{name}"
+    for pid, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][pid][name]), f"optimizer {pid} {name}"
+
+
 def test_resume_is_exact(cache, tmp_path, capsys):
     # Two loader workers: their random flips must not depend on whether the run was resumed.
     exact = ["--attn_dropout", 0, "--proj_dropout", 0, "--precision", "fp32", "--save_last_freq", 1,
@@ -109,15 +124,7 @@ def test_resume_is_exact(cache, tmp_path, capsys):
     capsys.readouterr()
     assert "resumed from" in run_in_process(train_args(cache, split, "--epochs", 3, "--resume", split,
                                                        *exact), capsys)
-    a = load_training_checkpoint(straight / CHECKPOINT_NAME)
-    b = load_training_checkpoint(split / CHECKPOINT_NAME)
-    assert a["epoch"] == b["epoch"] == 2
-    for key in ("model", "model_ema"):
-        for name, value in a[key].items():
-            assert torch.equal(value, b[key][name]), f"{key}.{name}"
-    for pid, state in a["optimizer"]["state"].items():
-        for name, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][pid][name]), f"optimizer {pid} {name}"
+    assert_same_training(straight, split, epoch=2)
     assert [e["epoch"] for e in map(json.loads, (split / "log.txt").read_text().splitlines())] == [0, 1, 2]
 
 
@@ -363,7 +370,8 @@ def test_reference_optimizer_state_loads_here_and_ours_loads_there(tmp_path):
     resolve_args(args, DistInfo())
     model = tiny_model()
     state = build_train_state(model, args, DistInfo())
-    assert main_ear.resume(state, args, DistInfo()) == 5
+    # The reference's checkpoint has no `step`: the next epoch, from its start.
+    assert main_ear.resume(state, args, DistInfo()) == EpochPosition(5)
     ours = optimizer_state_by_name(model, state.optimizer)
     theirs = optimizer_state_by_name(ref_model, ref_opt)
     assert ours.keys() == theirs.keys() and len(ours) == len(list(model.parameters()))

@@ -280,7 +280,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="transformer: train only the head and the class embedding")
     g.add_argument("--save_last_freq", type=int, default=5,
                    help="write checkpoint-last.pth every this many epochs (and at the end)")
+    g.add_argument("--save_signals", default="TERM,INT,USR1",
+                   help="on these signals finish the step, write checkpoint-last.pth with the "
+                        "position in the epoch and exit with status 75 ('' for none)")
+    g.add_argument("--save_interval_minutes", type=float, default=0,
+                   help="also write checkpoint-last.pth inside an epoch every this many minutes "
+                        "of rank 0's clock, and go on (0: only at the --save_last_freq epochs)")
     g.add_argument("--print_freq", type=int, default=20, help="log every this many steps")
+    g.add_argument("--wandb_project", default="",
+                   help="also log to this Weights & Biases project (rank 0; needs `pip install "
+                        "wandb`; WANDB_MODE=offline writes the run locally)")
+    g.add_argument("--wandb_run", default=None, help="the W&B run's name (default: W&B picks one)")
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:

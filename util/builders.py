@@ -9,20 +9,23 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from typing import Mapping
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from models.ear import EAR, named_sizes
 from models.tokenizer import build_tokenizer
 from util.args import check_positive, network_settings, train_parser
 from util.distributed import DistInfo
+from util.loggers import check_wandb
 from util.optim import EMA, param_groups
 from util.precision import resolve_precision
+from util.resumable import EpochSampler, SeededSamples, ignore_signals, parse_signals
 
 # ----- settings ---------------------------------------------------------------------------------
 
@@ -47,6 +50,11 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     with the flag named, before anything is built."""
     check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
                    "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter")
+    parse_signals(args.save_signals)
+    check_wandb(args)
+    if not (math.isfinite(args.save_interval_minutes) and args.save_interval_minutes >= 0):
+        raise SystemExit(f"error: --save_interval_minutes must be a finite number >= 0 (0: off), "
+                         f"got {args.save_interval_minutes}")
     if not 0.0 <= args.ema_rate < 1.0:
         raise SystemExit(f"error: --ema_rate must be in [0, 1), got {args.ema_rate}")
     for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs", "cfg"):
@@ -185,20 +193,34 @@ def open_cache(root, expected_shape):
 
 
 def build_loader(dataset, args, info: DistInfo) -> DataLoader:
-    # A distributed sampler even in one process: shuffling then depends only on (seed, epoch).
-    sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank,
-                                 shuffle=True, drop_last=True, seed=args.seed)
-    # Workers are started anew each epoch (not persistent), their seeds drawn from `generator`,
-    # which training reseeds per epoch from (seed, rank, epoch): worker w of an epoch draws the
-    # same flips whether the run was resumed or not.
-    loader = DataLoader(dataset, sampler=sampler, batch_size=args.batch_size,
-                        num_workers=args.num_workers, drop_last=True, generator=torch.Generator(),
+    """A loader whose epoch `e` from batch `b` is set by `set_loader_epoch`: the order depends
+    only on (seed, epoch) (a distributed sampler even in one process), the random flips only on
+    (seed, epoch, index), so any part of an epoch is the same in a straight and a resumed run."""
+    sampler = EpochSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                           drop_last=True, seed=args.seed)
+    # Workers are started anew each epoch (not persistent): they see the dataset's epoch; their
+    # own seeds (Python's and numpy's generators) are drawn from `generator`, reseeded per epoch.
+    loader = DataLoader(SeededSamples(dataset, args.seed), sampler=sampler,
+                        batch_size=args.batch_size, num_workers=args.num_workers, drop_last=True,
+                        generator=torch.Generator(),
+                        worker_init_fn=partial(ignore_signals, parse_signals(args.save_signals)),
                         pin_memory=args.pin_mem and info.device.type == "cuda")
     if len(loader) < args.accumulation_steps:
         raise SystemExit(f"error: {len(dataset)} samples give {len(loader)} batches of "
                          f"{args.batch_size} per process, fewer than --accumulation_steps "
                          f"{args.accumulation_steps}")
     return loader
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, first_batch: int = 0) -> None:
+    """Make the loader's next pass epoch `epoch` from its batch `first_batch` on."""
+    loader.sampler.set_epoch(epoch, first_batch * loader.batch_size)
+    loader.dataset.set_epoch(epoch)
+
+
+def batches_per_epoch(loader: DataLoader) -> int:
+    """Batches in a whole epoch, wherever the loader's pass starts."""
+    return loader.sampler.num_samples // loader.batch_size
 
 
 # ----- training state and metrics ---------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The training checkpoint, `checkpoint-last.pth`, in the reference release's format.
 
 A dict with `model` and `model_ema` (full state dicts, the EMA values in the second),
-`optimizer`, `epoch`, `args` and, when fp16's loss scaler is in use, `scaler`. Files written
+`optimizer`, `epoch`, `args` and, when fp16's loss scaler is in use, `scaler`. A checkpoint
+written inside an epoch (on a signal or by the clock) adds `step` (the epoch's next
+micro-batch), `epoch_loss_sum` and `rng` (each rank's generator states, in rank order). Files written
 here hold `args` as a plain dict, so `torch.load(path)` at torch's default (weights_only=True)
 reads them; the reference's files hold an `argparse.Namespace`, which is allow-listed for them.
 """
@@ -23,11 +25,13 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 
 def save_training_checkpoint(output_dir, model: nn.Module, ema, optimizer, scaler, epoch: int,
-                             args: argparse.Namespace) -> Path:
+                             args: argparse.Namespace, inside_epoch: dict = None) -> Path:
     """Write `checkpoint-last.pth` atomically. The scaler is saved only when it is enabled: the
-    reference's resume rejects the empty state of a disabled one."""
+    reference's resume rejects the empty state of a disabled one. `inside_epoch`: the extra
+    keys of a checkpoint taken part-way through `epoch` (`step`, `epoch_loss_sum`, `rng`),
+    which the reference's resume ignores."""
     ckpt = {"model": model.state_dict(), "model_ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch}
+            "optimizer": optimizer.state_dict(), "epoch": epoch, **(inside_epoch or {})}
     if scaler.is_enabled():
         ckpt["scaler"] = scaler.state_dict()
     ckpt["args"] = plain_args(args)

@@ -89,6 +89,15 @@ def all_reduce_sum(values, device) -> list:
     return t.tolist()
 
 
+def all_ranks_true(flags: list, device) -> list:
+    """Element-wise AND over ranks of booleans (bools or 0-d tensors), with one tiny MIN
+    all-reduce for all of them, so every rank takes the same decisions."""
+    t = torch.stack([torch.as_tensor(f, device=device) for f in flags]).float()
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return [bool(f) for f in t.tolist()]
+
+
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (a one-element list in a single process)."""
     if not dist.is_initialized():

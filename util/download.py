@@ -14,7 +14,6 @@ strictly and also written as `kl16.safetensors`. The statistics are checked for 
 against the SHA-256 prefix in their file name. The SHA-256 of every file is printed.
 """
 import argparse
-import hashlib
 import shutil
 import sys
 import tempfile
