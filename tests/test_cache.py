@@ -33,6 +33,7 @@ def image_folder(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow  # 50 s; the packed form's torchrun test runs the same exactly-once split
 def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, random_vae_ckpt, capsys):
     cache = tmp_path / "cache"
     proc = run_script("main_cache.py", cache_args(image_folder, cache, random_vae_ckpt), nproc=2)
@@ -64,6 +65,7 @@ def test_torchrun_two_processes_write_each_image_once(image_folder, tmp_path, ra
         assert expected in capsys.readouterr().out
 
 
+@pytest.mark.slow  # 25 s; the packed form's kill -9 test runs the same write loop
 def test_killed_job_resumes_without_corrupt_or_missing_files(tmp_path, random_vae_ckpt):
     data = tmp_path / "images"
     make_image_folder(data / "train", per_class=20)

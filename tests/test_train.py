@@ -152,6 +152,7 @@ def test_resume_with_a_different_model_is_refused(cache, tmp_path):
         run_in_process(args)
 
 
+@pytest.mark.slow  # 20 s; tests/test_preemption.py resumes killed and signalled runs exactly
 def test_sigkill_then_resume(cache, tmp_path):
     args = train_args(cache, tmp_path, "--epochs", 60, "--save_last_freq", 1, "--resume", tmp_path)
     cmd = [sys.executable, str(REPO / "main_ear.py"), *map(str, args)]
