@@ -176,5 +176,9 @@ class SeededSamples(Dataset):
     def __getitem__(self, index: int):
         with torch.random.fork_rng(devices=[]):
             # Distinct per (seed, epoch, index) for any realistic count (< 2^31 samples, epochs).
-            torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 2**31 + index) % 2**64)
+            # The CPU generator alone (the flips draw from it): torch.manual_seed would also
+            # reseed CUDA's, which fork_rng(devices=[]) does not restore, and where CUDA is not
+            # initialised it queues a formatted stack trace per call (slow, and never freed).
+            torch.random.default_generator.manual_seed(
+                ((self.seed * 1_000_003 + self.epoch) * 2**31 + index) % 2**64)
             return self.dataset[index]
