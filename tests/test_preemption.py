@@ -154,3 +154,14 @@ def test_each_sample_draws_its_flip_from_seed_epoch_and_index():
     assert 16 < sum(flips) < 48  # and still random
     coins.set_epoch(1)
     assert [coins[i] for i in range(64)] != flips
+
+
+def test_per_sample_seeding_leaves_cuda_alone():
+    """Seeding a sample touches only the CPU generator: torch.manual_seed would reseed CUDA's
+    too and, before CUDA is initialised, queue a formatted stack trace per call, never freed."""
+    from util.resumable import SeededSamples
+    samples = SeededSamples(list(range(100)), seed=0)
+    queued = len(getattr(torch.cuda, "_queued_calls", []))
+    for i in range(100):
+        samples[i]
+    assert len(getattr(torch.cuda, "_queued_calls", [])) == queued
