@@ -36,7 +36,7 @@ from util.pretrained import download_on_main_first, load_sampling_weights
 from util.resumable import (EXIT_REQUEUE, EpochPosition, Preempted, SaveRequests, parse_signals,
                             rng_state, set_rng_state)
 from util.sweep import write_sweep
-from util.weights import check_state_dict, check_values, load_state_dict_strict
+from util.weights import check_weights, load_state_dict_strict
 
 
 def resume(state: TrainState, args, info: DistInfo) -> EpochPosition:
@@ -56,9 +56,7 @@ def resume(state: TrainState, args, info: DistInfo) -> EpochPosition:
                          "use --finetune to start from it on other classes")
     load_state_dict_strict(state.model, ckpt["model"], f"{path} [model]")
     if "model_ema" in ckpt:
-        expected, source = state.model.state_dict(), f"{path} [model_ema]"
-        check_state_dict(expected, ckpt["model_ema"], source, "EAR")
-        check_values(expected, ckpt["model_ema"], source)
+        check_weights(state.model.state_dict(), ckpt["model_ema"], f"{path} [model_ema]", "EAR")
         state.ema.load_state_dict(ckpt["model_ema"])
     else:  # a checkpoint without EMA: restart the average from the loaded weights
         state.ema = EMA(state.model, args.ema_rate)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from util.args import architecture_flags
 from util.checkpoint import check_same_config
-from util.weights import check_state_dict, check_values
+from util.weights import check_weights
 
 POS_EMBED = "decoder_pos_embed_learned"
 CLASS_EMBED = "class_emb.weight"
@@ -77,8 +77,7 @@ def adapt_state_dict(model: nn.Module, state: dict, saved, args, source) -> tupl
         state[POS_EMBED] = interpolate_pos_embed(state[POS_EMBED], args.buffer_size, model.seq_h)
         notes.append(f"{POS_EMBED} interpolated (bicubic, 2-D) from a {math.isqrt(old_rows)}^2 "
                      f"to a {model.seq_h}^2 token grid; its {args.buffer_size} buffer rows kept")
-    check_state_dict(target, state, source, "EAR")
-    check_values(target, state, source)
+    check_weights(target, state, source, "EAR")
     return state, notes
 
 

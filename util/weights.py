@@ -73,11 +73,16 @@ def check_values(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch
         print(f"note: {source}: " + ", ".join(f"{a} tensors cast to {b}" for a, b in sorted(cast)))
 
 
+def check_weights(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor],
+                  source: str, owner: str) -> None:
+    """`check_state_dict` (keys, shapes), then `check_values` (dtypes, finiteness)."""
+    check_state_dict(expected, given, source, owner)
+    check_values(expected, given, source)
+
+
 def load_state_dict_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor],
                            source: str) -> None:
     """Load every tensor; any missing, unexpected or mis-shaped key, an integer tensor where
     the model has a float one, or a non-finite value is an error naming the key."""
-    expected = module.state_dict()
-    check_state_dict(expected, state_dict, source, type(module).__name__)
-    check_values(expected, state_dict, source)
+    check_weights(module.state_dict(), state_dict, source, type(module).__name__)
     module.load_state_dict(state_dict, strict=True)
