@@ -1,15 +1,18 @@
 """The paper's comparison at CPU scale: the energy, diffusion and Gaussian-mixture heads on one
-Transformer, trained on the built-in digits with the same budget and seed.
+Transformer, trained on the built-in digits with the same budgets and seed.
 
-    python benchmarks/heads.py                               # ~25 minutes on 2 idle CPU cores
+    python benchmarks/heads.py                                         # ~1 hour on 2 idle CPU cores
     python benchmarks/heads.py --epochs 1 --diffusion_steps 5 --out /tmp/heads   # a smoke run
 
-Everything goes through the user's commands: for each head, `main_ear.py
-@configs/digits_quickstart.args --head NAME` (ear_tiny, 80 epochs, seed 0; after training, 100
-images per class without guidance and with cfg 2.0, scored by the quick start's classifier),
-then, for the diffusion head, `main_ear.py --evaluate --num_sampling_steps N` for each N of the
-sweep. Writes to --out: heads.json, heads.md (the table) and heads.png (a block of rows per
-head, one row per class, cfg 2.0, at each head's default settings).
+Everything goes through the user's commands: for each head and each budget in --epochs,
+`main_ear.py @configs/digits_quickstart.args --head NAME --epochs E` (ear_tiny, seed 0; after
+training, 100 images per class without guidance and with cfg 2.0, scored by the quick start's
+classifier); then, for the diffusion head at the largest budget, `main_ear.py --evaluate
+--num_sampling_steps N` for each N of the sweep. A run that finished (its metrics.json is
+written) and a sweep point already in its eval_results.jsonl are kept, so an interrupted
+benchmark picks up where it stopped; --fresh starts over. Writes to --out: heads.json,
+heads.md (the tables) and heads.png (a block of rows per head, one row per class, cfg 2.0, at
+each head's default settings and the largest budget).
 """
 import argparse
 import json
@@ -34,39 +37,72 @@ def main_ear(*flags) -> None:
                    check=True, cwd=REPO)
 
 
-def summary_settings(out: Path):
-    """The training flags saved in the run's checkpoint."""
-    return settings_from_checkpoint(load_training_checkpoint(out / "checkpoint-last.pth")["args"])
-
-
 def results(out: Path) -> list:
-    return [json.loads(line) for line in (out / "eval_results.jsonl").read_text().splitlines()]
+    path = out / "eval_results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def train(head: str, epochs: int, out: Path, seed: int) -> dict:
+    """Train one head for one budget (the quick start's evaluation runs at the end); its
+    metrics.json. A finished run in `out` is kept."""
+    if not (out / "metrics.json").exists():
+        shutil.rmtree(out, ignore_errors=True)  # no rows or checkpoints from an unfinished run
+        main_ear("--head", head, "--epochs", epochs, "--seed", seed,
+                 "--output_dir", out, "--log_dir", out)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def sweep(out: Path, steps: list, seed: int) -> None:
+    """Evaluate the diffusion run in `out` at each sampling-step count, cfg 1 and 2."""
+    done = {(r.get("num_sampling_steps"), r["cfg"]) for r in results(out)}
+    for n in steps:
+        for cfg in (1.0, 2.0):
+            if (n, cfg) not in done:
+                main_ear("--head", "diffusion", "--output_dir", out, "--resume", out, "--evaluate",
+                         "--num_sampling_steps", n, "--cfg", cfg, "--seed", seed)
 
 
 def run_head(head: str, args) -> list:
-    """Train one head (with the quick start's evaluation at the end); rows of the table."""
-    out = args.out / head
-    shutil.rmtree(out, ignore_errors=True)  # no rows or checkpoints from an earlier run
-    main_ear("--head", head, "--epochs", args.epochs, "--seed", args.seed,
-             "--output_dir", out, "--log_dir", out)
-    summary = json.loads((out / "metrics.json").read_text())
-    shutil.copy(summary["results"][-1]["grid"], args.out / f"grid-{head}.png")  # cfg 2.0
-    if head == "diffusion":
-        for steps in args.diffusion_steps:
-            for cfg in (1.0, 2.0):
-                main_ear("--head", head, "--output_dir", out, "--resume", out, "--evaluate",
-                         "--num_sampling_steps", steps, "--cfg", cfg, "--seed", args.seed)
-    settings = summary_settings(out)
-    head_params = sum(q.numel() for q in build_model(settings).head.parameters())
-    steps = args.epochs * (TRAIN_DIGITS // settings.batch_size)
-    return [{"head": head, "sampling_steps": r.get("num_sampling_steps", "-"), "cfg": r["cfg"],
-             "accuracy": r["accuracy"], "frechet": r["frechet"],
-             "seconds_per_image": r["seconds_per_image"],
-             "train_seconds_per_step": summary["train_seconds"] / steps,
-             "head_parameters": head_params} for r in results(out)]
+    """Every budget of one head; the rows of the tables."""
+    rows = []
+    for epochs in args.epochs:
+        out = args.out / head / f"epochs{epochs}"
+        summary = train(head, epochs, out, args.seed)
+        if epochs == max(args.epochs):
+            shutil.copy(summary["results"][-1]["grid"], args.out / f"grid-{head}.png")  # cfg 2.0
+            if head == "diffusion":
+                sweep(out, args.diffusion_steps, args.seed)
+        settings = settings_from_checkpoint(load_training_checkpoint(out / "checkpoint-last.pth")["args"])
+        head_params = sum(q.numel() for q in build_model(settings).head.parameters())
+        steps = epochs * (TRAIN_DIGITS // settings.batch_size)
+        rows += [{"head": head, "epochs": epochs, "sampling_steps": r.get("num_sampling_steps", "-"),
+                  "cfg": r["cfg"], "accuracy": r["accuracy"], "frechet": r["frechet"],
+                  "seconds_per_image": r["seconds_per_image"],
+                  "train_seconds_per_step": summary["train_seconds"] / steps,
+                  "head_parameters": head_params} for r in results(out)]
+    return rows
 
 
-def table(rows: list, ceiling: dict) -> str:
+def default_rows(rows: list) -> list:
+    """Each head at its default sampling settings: the rows written by the training run."""
+    return [r for r in rows if r["head"] != "diffusion" or r["sampling_steps"] == 100]
+
+
+def budget_table(rows: list) -> str:
+    """Accuracy / Frechet distance per head and budget, without guidance and with cfg 2."""
+    budgets = sorted({r["epochs"] for r in rows})
+    lines = ["| head | " + " | ".join(f"{e} epochs, cfg 1 | {e} epochs, cfg 2" for e in budgets) + " |",
+             "|---|" + "---|" * 2 * len(budgets)]
+    for head in HEADS:
+        cells = {(r["epochs"], r["cfg"]): f"{r['accuracy']:.3f} / {r['frechet']:.2f}"
+                 for r in default_rows(rows) if r["head"] == head}
+        lines.append(f"| {head} | " + " | ".join(cells.get((e, c), "") for e in budgets
+                                                  for c in (1.0, 2.0)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def full_table(rows: list, ceiling: dict) -> str:
+    """Every row of the largest budget, with timings and sizes."""
     lines = ["| head | sampling steps | cfg | accuracy | Frechet distance | s / image | train s / step | head parameters |",
              "|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (HEADS.index(r["head"]), str(r["sampling_steps"]).zfill(5), r["cfg"])):
@@ -75,6 +111,20 @@ def table(rows: list, ceiling: dict) -> str:
                      f"{r['train_seconds_per_step']:.3f} | {r['head_parameters']:,} |")
     lines.append(f"| held-out real digits | | | {ceiling['accuracy']:.3f} | {ceiling['frechet']:.2f} | | | |")
     return "\n".join(lines) + "\n"
+
+
+def equal_quality(rows: list) -> dict:
+    """Without guidance: the fewest diffusion sampling steps whose samples are at least as
+    good as the energy head's (accuracy and Frechet distance both), and the energy head's
+    sampling speed-up over it. None where no step count of the sweep gets there."""
+    energy = next(r for r in rows if r["head"] == "energy" and r["cfg"] == 1.0)
+    good = sorted((r for r in rows if r["head"] == "diffusion" and r["cfg"] == 1.0
+                   and r["accuracy"] >= energy["accuracy"] and r["frechet"] <= energy["frechet"]),
+                  key=lambda r: r["sampling_steps"])
+    if not good:
+        return {"diffusion_steps": None, "energy_speedup": None}
+    return {"diffusion_steps": good[0]["sampling_steps"],
+            "energy_speedup": good[0]["seconds_per_image"] / energy["seconds_per_image"]}
 
 
 def picture(out: Path) -> Path:
@@ -95,20 +145,31 @@ def picture(out: Path) -> Path:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--epochs", type=int, default=80, help="training budget (the quick start's)")
+    p.add_argument("--epochs", type=int, nargs="+", default=[20, 40, 80],
+                   help="training budgets (the quick start's is 80)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--diffusion_steps", type=int, nargs="+", default=[10, 25, 250, 500, 1000],
-                   help="the diffusion head's sampling steps to sweep, besides its default 100")
+                   help="the diffusion head's sampling steps to sweep at the largest budget, "
+                        "besides its default 100")
     p.add_argument("--out", type=Path, default=Path("output_heads"))
+    p.add_argument("--fresh", action="store_true", help="discard finished runs in --out first")
     args = p.parse_args()
+    if args.fresh:
+        shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = [row for head in HEADS for row in run_head(head, args)]
-    ceiling = json.loads((args.out / "energy" / "metrics.json").read_text())["results"][0]["ceiling"]
-    text = table(rows, ceiling)
+    largest = [r for r in rows if r["epochs"] == max(args.epochs)]
+    ceiling = json.loads((args.out / "energy" / f"epochs{max(args.epochs)}" / "metrics.json")
+                         .read_text())["results"][0]["ceiling"]
+    match = equal_quality(largest)
+    text = (budget_table(rows) + "\n" + full_table(largest, ceiling) +
+            f"\nwithout guidance, the diffusion head matches the energy head at "
+            f"{match['diffusion_steps']} sampling steps; the energy head samples "
+            f"{match['energy_speedup'] or float('nan'):.1f}x faster there\n")
     (args.out / "heads.md").write_text(text)
     (args.out / "heads.json").write_text(json.dumps(
         {"settings": {"config": CONFIG.name, "epochs": args.epochs, "seed": args.seed},
-         "ceiling": ceiling, "rows": rows}, indent=2) + "\n")
+         "ceiling": ceiling, "equal_quality": match, "rows": rows}, indent=2) + "\n")
     print(text + f"\npicture: {picture(args.out)}")
 
 

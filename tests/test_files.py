@@ -258,3 +258,38 @@ def test_every_head_is_compared_with_the_weights_before_building(head):
     settings.decoder_depth += 1
     with pytest.raises(ValueError, match="missing keys: decoder_blocks.2"):
         pretrained.check_settings_fit(settings, state, "weights")
+
+
+def old_mixture_checkpoint(folder):
+    """A mixture-head training checkpoint as the code before GIVT's parameterisation wrote it:
+    same weight shapes, settings without the three flags that change added."""
+    settings = settings_from_checkpoint({**vars(digits_settings()), "head": "gmm"})
+    model = build_model(settings)
+    for name in ("gmm_dequantize", "gmm_temperature_probs", "gmm_guidance"):
+        delattr(settings, name)
+    ema = type("EMA", (), {"state_dict": lambda self: model.state_dict()})()
+    save_training_checkpoint(folder, model, ema, torch.optim.SGD(model.parameters(), lr=0.1),
+                             torch.amp.GradScaler("cpu", enabled=False), 5, settings)
+    return settings
+
+
+def test_an_old_mixture_head_is_refused_wherever_it_is_loaded(export, tmp_path, capsys):
+    """Its softplus-trained scales would be read as squareplus: sampling, resuming and an
+    exported config.json each refuse it, naming the file."""
+    from util.checkpoint import open_checkpoint
+    old = tmp_path / "old"
+    settings = old_mixture_checkpoint(old)
+    assert "checkpoint-last.pth: a mixture (--head gmm) head saved before it followed GIVT" \
+        in refused(old, tmp_path, capsys)
+    args = settings_from_checkpoint({**vars(settings), "head": "gmm"})
+    with pytest.raises(ValueError, match="checkpoint-last.pth: a mixture .* train it again"):
+        open_checkpoint(old, args, ("model", "head"))
+
+    def old_config(config):
+        for name in ("gmm_dequantize", "gmm_temperature_probs", "gmm_guidance"):
+            config.pop(name, None)
+        return {**config, "head": "gmm"}
+    (tmp_path / "exported").mkdir()
+    folder = copy_export(export, tmp_path / "exported", config_edit=old_config)
+    assert f"{pretrained.CONFIG}: a mixture (--head gmm) head saved before" \
+        in refused(folder, tmp_path, capsys)

@@ -74,10 +74,28 @@ class ConfigMismatch(ValueError):
     """The flags describe another network than the checkpoint's."""
 
 
+# A mixture head saved before it followed GIVT (softplus scales + 1e-4, a per-channel loss;
+# changed on 2026-12-02) has weights that today's squareplus scales would misread: a raw output
+# of 0 was a scale of 0.69, now 1.0. Its settings lack the flag added with that change.
+GMM_GIVT_MARKER = "gmm_dequantize"
+
+
+def check_head_format(saved: dict, source) -> None:
+    """Refuse saved settings whose head weights this code would read differently from how they
+    were trained (today: a mixture head from before GIVT's parameterisation)."""
+    if saved is not None and saved.get("head") == "gmm" and GMM_GIVT_MARKER not in saved:
+        raise ValueError(f"{source}: a mixture (--head gmm) head saved before it followed GIVT "
+                         f"(softplus scales, per-channel loss; its settings have no "
+                         f"{GMM_GIVT_MARKER}); today's squareplus scales would misread its "
+                         f"weights: train it again")
+
+
 def check_same_config(saved: dict, current: argparse.Namespace, names, source) -> None:
-    """The arguments that define the network must agree with the checkpoint's (those it has)."""
+    """The arguments that define the network must agree with the checkpoint's (those it has),
+    and its head must be in today's format."""
     if saved is None:
         return
+    check_head_format(saved, source)
     diffs = [f"--{n} is {getattr(current, n)!r} here but {saved[n]!r} in the checkpoint"
              for n in names if n in saved and saved[n] != getattr(current, n)]
     if diffs:

@@ -20,7 +20,8 @@ from models.ear import MODEL_SIZES
 from models.heads import HEADS
 from models.tokenizer import TOKENIZERS
 from util.args import architecture_flags, check_network_settings, network_settings
-from util.checkpoint import CHECKPOINT_NAME, check_same_config, load_training_checkpoint
+from util.checkpoint import (CHECKPOINT_NAME, check_head_format, check_same_config,
+                              load_training_checkpoint)
 from util.distributed import run_on_main
 from util.fileio import atomic_write
 from util.weights import check_state_dict, load_state_dict_strict, read_weights
@@ -121,6 +122,7 @@ def check_config(config, path) -> dict:
     if config.get("format") != FORMAT:
         raise ValueError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
     head = check_names(config, path, required=True)
+    check_head_format(config, path)
     settings = network_settings(head)
     unknown = sorted(set(config) - set(CONFIG_KEYS) - set(settings))
     missing = [n for n in ("epoch", *settings) if n not in config]
@@ -164,6 +166,7 @@ def read(spec: str, revision: str = None, use_ema: bool = True) -> tuple:
         saved = ckpt.get("args")
         if saved is not None:
             check_network_settings(saved, check_names(saved, path, required=False), path)
+            check_head_format(saved, path)
         key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
         return saved, ckpt[key], check_epoch(ckpt["epoch"], path), f"{path} [{key}]"
     raise FileNotFoundError(f"--resume {spec}: no {CONFIG} with {WEIGHTS}, and no "
