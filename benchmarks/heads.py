@@ -113,13 +113,16 @@ def full_table(rows: list, ceiling: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def equal_quality(rows: list) -> dict:
+def equal_quality(rows: list, ceiling: dict) -> dict:
     """Without guidance: the fewest diffusion sampling steps whose samples are at least as
-    good as the energy head's (accuracy and Frechet distance both), and the energy head's
-    sampling speed-up over it. None where no step count of the sweep gets there."""
+    good as the energy head's, and the energy head's sampling speed-up over it there. At least
+    as good: a Frechet distance no larger and an accuracy no lower, accuracy counted only up to
+    the held-out real digits' (samples more recognisable than real digits are not better
+    samples; the energy head's are). None where no step count of the sweep gets there."""
     energy = next(r for r in rows if r["head"] == "energy" and r["cfg"] == 1.0)
+    accuracy = min(energy["accuracy"], ceiling["accuracy"])
     good = sorted((r for r in rows if r["head"] == "diffusion" and r["cfg"] == 1.0
-                   and r["accuracy"] >= energy["accuracy"] and r["frechet"] <= energy["frechet"]),
+                   and r["accuracy"] >= accuracy and r["frechet"] <= energy["frechet"]),
                   key=lambda r: r["sampling_steps"])
     if not good:
         return {"diffusion_steps": None, "energy_speedup": None}
@@ -161,7 +164,7 @@ def main() -> None:
     largest = [r for r in rows if r["epochs"] == max(args.epochs)]
     ceiling = json.loads((args.out / "energy" / f"epochs{max(args.epochs)}" / "metrics.json")
                          .read_text())["results"][0]["ceiling"]
-    match = equal_quality(largest)
+    match = equal_quality(largest, ceiling)
     text = budget_table(rows) + "\n" + full_table(largest, ceiling) + "\n" + (
         f"without guidance, the diffusion head matches the energy head from "
         f"{match['diffusion_steps']} sampling steps, where the energy head samples "
