@@ -179,6 +179,7 @@ class GMMLoss(nn.Module):
              "ear_huge": dict(gmm_d=12, gmm_w=1536),
              "ear_tiny": dict(gmm_d=3, gmm_w=128)}
     GUIDANCE = ("density", "hidden")
+    CHOICES = {"gmm_guidance": GUIDANCE}  # the values a text setting may take (flags, files)
 
     def __init__(self, token_dim: int, z_dim: int, gmm_components: int = 16, gmm_d: int = 0,
                  gmm_w: int = 1024, gmm_temperature_probs: float = 1.0,

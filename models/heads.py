@@ -31,6 +31,8 @@ class Head(Protocol):
         SIZES: {named model size: {setting: value}}, the head's size for each named model.
         SAMPLING (optional): settings that change its samples; evaluation names them in the
             sample folder and the results (the diffusion head: num_sampling_steps).
+        CHOICES (needed for a text setting): {setting: allowed values}, the flag's choices and
+            what a saved file is checked against (the mixture head: gmm_guidance).
     """
     attribute: ClassVar[str]
     own_optimizer_group: ClassVar[bool]

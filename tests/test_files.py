@@ -293,3 +293,24 @@ def test_an_old_mixture_head_is_refused_wherever_it_is_loaded(export, tmp_path, 
     folder = copy_export(export, tmp_path / "exported", config_edit=old_config)
     assert f"{pretrained.CONFIG}: a mixture (--head gmm) head saved before" \
         in refused(folder, tmp_path, capsys)
+
+
+def test_a_mixture_head_samples_and_exports_and_its_guidance_is_checked(tmp_path, capsys):
+    """The mixture head's text setting (gmm_guidance) passes the saved-settings check when it is
+    one of its choices, from a training checkpoint and from an export, and is refused by name
+    otherwise."""
+    settings = settings_from_checkpoint({**vars(digits_settings()), "head": "gmm"})
+    model = build_model(settings)
+    ema = type("EMA", (), {"state_dict": lambda self: model.state_dict()})()
+    run = tmp_path / "run"
+    save_training_checkpoint(run, model, ema, torch.optim.SGD(model.parameters(), lr=0.1),
+                             torch.amp.GradScaler("cpu", enabled=False), 1, settings)
+    sample(run, tmp_path, "--cfg", "2.0")
+    assert (tmp_path / "g.png").is_file()
+    out = pretrained.export(run, tmp_path / "out")
+    assert pretrained.read(str(out))[0]["gmm_guidance"] == "density"
+    config = json.loads((out / pretrained.CONFIG).read_text())
+    (out / pretrained.CONFIG).write_text(json.dumps({**config, "gmm_guidance": "both"}))
+    (tmp_path / "g.png").unlink()
+    assert "config.json: gmm_guidance is 'both', expected one of ['density', 'hidden']" \
+        in refused(out, tmp_path, capsys)

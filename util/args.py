@@ -47,6 +47,9 @@ def add_settings(group, cls, names=None) -> None:
         if param.annotation is bool:
             assert param.default is False, f"{cls.__name__}.{name}: a bool flag must default to False"
             group.add_argument(f"--{name}", action="store_true", help=help_text)
+        elif name in getattr(cls, "CHOICES", {}):
+            group.add_argument(f"--{name}", default=default, choices=cls.CHOICES[name],
+                               help=f"{help_text} (default: {default})")
         elif name in sized:
             group.add_argument(f"--{name}", type=param.annotation, default=None,
                                help=f"{help_text} (default: the named size's)")
@@ -70,7 +73,8 @@ def architecture_flags(head: str) -> tuple:
 def check_network_settings(settings, head: str, source) -> None:
     """Each network setting in `settings` (a mapping read from a file: config.json, a
     checkpoint's args) has its constructor's type: an int a whole number >= 0 (not a bool), a
-    float a finite number, a bool a bool. Raises ValueError naming the file and the key."""
+    float a finite number, a bool a bool, a str one of the class's CHOICES for it. Raises
+    ValueError naming the file and the key."""
     import math
     for cls in (EAR, HEADS[head]):
         params = inspect.signature(cls.__init__).parameters
@@ -78,6 +82,11 @@ def check_network_settings(settings, head: str, source) -> None:
             if name not in settings:
                 continue
             value, kind = settings[name], params[name].annotation
+            if kind is str:
+                choices = cls.CHOICES[name]
+                if value not in choices:
+                    raise ValueError(f"{source}: {name} is {value!r}, expected one of {list(choices)}")
+                continue
             if kind is bool:
                 ok = isinstance(value, bool)
             elif kind is int:
