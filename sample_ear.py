@@ -100,6 +100,9 @@ def main(args, given: dict) -> None:
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     model, settings, epoch = load_checkpoint(args, given)
+    if not 1 <= args.num_iter <= model.seq_len:
+        raise SystemExit(f"error: --num_iter {args.num_iter} must be in [1, {model.seq_len}]: the "
+                         f"checkpoint's images have {model.seq_len} tokens")
     labels = model_labels(args.class_ids, settings)
     model.to(device).eval()
     tokenizer = make_tokenizer({**vars(settings), "vae_path": args.vae_path, "use_cached": False},

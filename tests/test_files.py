@@ -314,3 +314,8 @@ def test_a_mixture_head_samples_and_exports_and_its_guidance_is_checked(tmp_path
     (tmp_path / "g.png").unlink()
     assert "config.json: gmm_guidance is 'both', expected one of ['density', 'hidden']" \
         in refused(out, tmp_path, capsys)
+
+
+def test_too_many_sampling_steps_for_the_checkpoint_is_one_line(export, tmp_path, capsys):
+    """sample_ear's default --num_iter (64, ImageNet's) on a 16-token digits model."""
+    assert "--num_iter 64 must be in [1, 16]" in refused(export[0], tmp_path, capsys, "--num_iter", "64")
