@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from models.heads import HEADS
 from util.builders import TrainState, batches_per_epoch, dataset_class_ids
-from util.distributed import MainRankFailed, all_ranks_true, barrier, run_on_main
+from util.distributed import MainRankFailed, all_ranks_true, all_reduce_sum, barrier, run_on_main
 from util.images import (NPZ_PERMUTATION_SEED, read_sample, sample_file, save_grid, save_png,
                           to_uint8, write_adm_npz)
 from util.loggers import Loggers
@@ -222,11 +222,19 @@ def check_metric_inputs(metrics, info) -> None:
 
 
 @torch.no_grad()
+def fallback_counts(head) -> list:
+    """[guided draws, of them unguided fallbacks] of a head that samples guidance by rejection
+    (the mixture head), since it was built; [0, 0] for the others."""
+    return [getattr(head, "guided_draws", 0), getattr(head, "exhausted", 0)]
+
+
 def generate_share(model, decode, folder: Path, cfg: float, temperature: float, batch_size: int,
-                   args, info) -> float:
+                   args, info) -> tuple:
     """This rank's images (index i written once, as <i>.png, by rank i % world_size), with
-    `model` as it is; returns seconds per image, measured after the first batch (which includes
-    warm-up: allocation, compilation) or, with a single batch, that batch."""
+    `model` as it is. Returns (seconds per image, measured after the first batch (which
+    includes warm-up: allocation, compilation) or, with a single batch, that batch; this rank's
+    fallback_counts for these images)."""
+    counts_before = fallback_counts(model.head)
     mine, labels = rank_share(args.num_images, args.class_num, info.rank, info.world_size)
     torch.manual_seed(args.seed + info.rank)
     was_training = model.training
@@ -252,7 +260,8 @@ def generate_share(model, decode, folder: Path, cfg: float, temperature: float, 
         bar.close()
     finally:
         model.train(was_training)
-    return timed_seconds / timed_images if timed_images else first_batch[1] / first_batch[0]
+    counts = [a - b for a, b in zip(fallback_counts(model.head), counts_before)]
+    return timed_seconds / timed_images if timed_images else first_batch[1] / first_batch[0], counts
 
 
 def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, temperature: float,
@@ -268,12 +277,15 @@ def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, tempera
     name = samples_name(args, cfg, temperature)
     folder = Path(args.output_dir) / f"samples-{name}"
     folder.mkdir(parents=True, exist_ok=True)
-    seconds = generate_share(model, decode, folder, cfg, temperature, batch_size, args, info)
+    seconds, counts = generate_share(model, decode, folder, cfg, temperature, batch_size, args, info)
+    guided, fallbacks = map(int, all_reduce_sum(counts, next(model.parameters()).device))
     barrier()
+    # The mixture head's guidance by rejection: how many draws fell back to unguided ones.
+    rejection = {"guided_draws": guided, "unguided_fallbacks": fallbacks} if guided else {}
 
     def measure():
         result = measure_samples(folder, name, metrics, args, epoch, seconds, loggers,
-                                 {"cfg": cfg, "infer_temperature": temperature})
+                                 {"cfg": cfg, "infer_temperature": temperature, **rejection})
         if not args.keep_samples:
             shutil.rmtree(folder)
         return result
@@ -301,7 +313,9 @@ def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds:
     scores = {k: v for k, v in measured.items() if k in SCORES}
     print(f"epoch {epoch}, cfg {point['cfg']}, temperature {point['infer_temperature']}: "
           + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
-          + f" over {measured['num_images']} images; {seconds:.4f} s/image per device; grid {grid_path}")
+          + f" over {measured['num_images']} images; {seconds:.4f} s/image per device; grid {grid_path}"
+          + (f"; {point['unguided_fallbacks']} of {point['guided_draws']} guided draws fell back to "
+             f"unguided ones" if "guided_draws" in point else ""))
     with open(out / "eval_results.jsonl", "a") as f:
         f.write(json.dumps(result) + "\n")
     if loggers is not None:

@@ -194,7 +194,9 @@ class GMMLoss(nn.Module):
         self.temperature_probs, self.guidance = gmm_temperature_probs, gmm_guidance
         self.dequantize = gmm_dequantize
         self.net = MixtureMLP(z_dim, token_dim, gmm_components, gmm_d, gmm_w)
-        self.exhausted = 0  # guided draws the rejection sampler gave up on, since construction
+        # Since construction: the density-guided draws (one per channel), and those of them the
+        # rejection sampler gave up on (an unguided draw instead). Evaluation reports both.
+        self.guided_draws, self.exhausted = 0, 0
 
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         """Mean over the masked rows of -log p(target row), target (N, D), z (N, C)."""
@@ -227,6 +229,7 @@ class GMMLoss(nn.Module):
         draws, exhausted = guided_gaussian_sample(
             loc_c, (scale_c * temperature).clamp(min=MIN_SCALE), loc_u,
             (scale_u * temperature).clamp(min=MIN_SCALE), cfg)
+        self.guided_draws += exhausted.numel()
         self.exhausted += int(exhausted.sum())
         return draws.to(z.dtype)
 

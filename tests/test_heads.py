@@ -332,3 +332,25 @@ def test_the_benchmark_finds_the_fewest_diffusion_steps_that_match_the_energy_he
     assert equal_quality(rows[:2] + rows[3:4], {"accuracy": 1.0}) == none
     # above the real digits' accuracy (0.89 here), more accuracy is no better
     assert equal_quality(rows, {"accuracy": 0.89})["diffusion_steps"] == 100
+
+
+def test_evaluation_reports_the_mixture_heads_guidance_fallbacks(tmp_path, monkeypatch, capsys):
+    """The quick start with the mixture head: each guided evaluation's JSON line and printed
+    line say how many of its density-guided draws fell back to unguided ones (all of them when
+    the rejection sampler is given no tries); unguided lines say nothing."""
+    import models.gmmloss as gmmloss
+    from conftest import REPO
+    flags = [f"@{REPO / 'configs' / 'digits_quickstart.args'}", "--head", "gmm", "--gmm_d", "1",
+             "--decoder_depth", "1", "--num_images", "20", "--eval_bsz", "20", "--num_iter", "4",
+             "--output_dir", str(tmp_path), "--log_dir", str(tmp_path)]
+    main_ear.main(train_parser().parse_args([*flags, "--epochs", "1"]))
+    sampler = gmmloss.guided_gaussian_sample
+    monkeypatch.setattr(gmmloss, "guided_gaussian_sample", lambda *a: sampler(*a, tries=0))
+    main_ear.main(train_parser().parse_args([*flags, "--resume", str(tmp_path), "--evaluate"]))
+    unguided, guided, given_up = [json.loads(line) for line in
+                                  (tmp_path / "eval_results.jsonl").read_text().splitlines()]
+    assert "guided_draws" not in unguided and unguided["cfg"] == 1.0
+    assert 0 < guided["guided_draws"] <= 20 * 16 * 4 and guided["unguided_fallbacks"] < guided["guided_draws"]
+    assert given_up["unguided_fallbacks"] == given_up["guided_draws"] == guided["guided_draws"]
+    assert f"{given_up['guided_draws']} of {given_up['guided_draws']} guided draws fell back" \
+        in capsys.readouterr().out
