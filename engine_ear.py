@@ -221,13 +221,13 @@ def check_metric_inputs(metrics, info) -> None:
         raise MetricsUnavailable(f"cannot measure the samples: {e}") from None
 
 
-@torch.no_grad()
 def fallback_counts(head) -> list:
     """[guided draws, of them unguided fallbacks] of a head that samples guidance by rejection
     (the mixture head), since it was built; [0, 0] for the others."""
     return [getattr(head, "guided_draws", 0), getattr(head, "exhausted", 0)]
 
 
+@torch.no_grad()
 def generate_share(model, decode, folder: Path, cfg: float, temperature: float, batch_size: int,
                    args, info) -> tuple:
     """This rank's images (index i written once, as <i>.png, by rank i % world_size), with

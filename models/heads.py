@@ -33,6 +33,9 @@ class Head(Protocol):
             sample folder and the results (the diffusion head: num_sampling_steps).
         CHOICES (needed for a text setting): {setting: allowed values}, the flag's choices and
             what a saved file is checked against (the mixture head: gmm_guidance).
+    Instance counters (optional): `guided_draws` and `exhausted`, for a head that samples
+    guidance by rejection (the mixture head): its guided draws since it was built, and those
+    that fell back to unguided ones; evaluation reports both.
     """
     attribute: ClassVar[str]
     own_optimizer_group: ClassVar[bool]
