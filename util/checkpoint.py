@@ -41,8 +41,27 @@ def save_training_checkpoint(output_dir, model: nn.Module, ema, optimizer, scale
     return path
 
 
+# A mixture head saved before it followed GIVT (softplus scales + 1e-4, a per-channel loss;
+# changed on 2026-12-02) has weights that today's squareplus scales would misread: a raw output
+# of 0 was a scale of 0.69, now 1.0. Its settings lack the flag added with that change.
+GMM_GIVT_MARKER = "gmm_dequantize"
+
+
+def check_head_format(saved: dict, source) -> None:
+    """Refuse saved settings whose head weights this code would read differently from how they
+    were trained (today: a mixture head from before GIVT's parameterisation). Called where a
+    file's settings are read: a training checkpoint's (load_training_checkpoint) and an export's
+    config.json (pretrained.check_config)."""
+    if isinstance(saved, dict) and saved.get("head") == "gmm" and GMM_GIVT_MARKER not in saved:
+        raise ValueError(f"{source}: a mixture (--head gmm) head saved before it followed GIVT "
+                         f"(softplus scales, per-channel loss; its settings have no "
+                         f"{GMM_GIVT_MARKER}); today's squareplus scales would misread its "
+                         f"weights: train it again")
+
+
 def load_training_checkpoint(path, mmap: bool = False) -> dict:
-    """Load a training checkpoint with weights_only=True; `args` comes back as a dict (or None).
+    """Load a training checkpoint with weights_only=True; `args` comes back as a dict (or None),
+    its head checked to be in today's format (check_head_format).
 
     mmap: map the file instead of reading it, so that only the tensors used are paged in (the
     EMA weights of an EAR-H checkpoint are a quarter of its 15 GB; each sampling rank would
@@ -67,6 +86,7 @@ def load_training_checkpoint(path, mmap: bool = False) -> dict:
                          f"found {found}")
     if isinstance(ckpt.get("args"), argparse.Namespace):
         ckpt["args"] = vars(ckpt["args"])
+    check_head_format(ckpt.get("args"), path)
     return ckpt
 
 
@@ -74,28 +94,10 @@ class ConfigMismatch(ValueError):
     """The flags describe another network than the checkpoint's."""
 
 
-# A mixture head saved before it followed GIVT (softplus scales + 1e-4, a per-channel loss;
-# changed on 2026-12-02) has weights that today's squareplus scales would misread: a raw output
-# of 0 was a scale of 0.69, now 1.0. Its settings lack the flag added with that change.
-GMM_GIVT_MARKER = "gmm_dequantize"
-
-
-def check_head_format(saved: dict, source) -> None:
-    """Refuse saved settings whose head weights this code would read differently from how they
-    were trained (today: a mixture head from before GIVT's parameterisation)."""
-    if saved is not None and saved.get("head") == "gmm" and GMM_GIVT_MARKER not in saved:
-        raise ValueError(f"{source}: a mixture (--head gmm) head saved before it followed GIVT "
-                         f"(softplus scales, per-channel loss; its settings have no "
-                         f"{GMM_GIVT_MARKER}); today's squareplus scales would misread its "
-                         f"weights: train it again")
-
-
 def check_same_config(saved: dict, current: argparse.Namespace, names, source) -> None:
-    """The arguments that define the network must agree with the checkpoint's (those it has),
-    and its head must be in today's format."""
+    """The arguments that define the network must agree with the checkpoint's (those it has)."""
     if saved is None:
         return
-    check_head_format(saved, source)
     diffs = [f"--{n} is {getattr(current, n)!r} here but {saved[n]!r} in the checkpoint"
              for n in names if n in saved and saved[n] != getattr(current, n)]
     if diffs:

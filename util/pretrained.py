@@ -166,7 +166,6 @@ def read(spec: str, revision: str = None, use_ema: bool = True) -> tuple:
         saved = ckpt.get("args")
         if saved is not None:
             check_network_settings(saved, check_names(saved, path, required=False), path)
-            check_head_format(saved, path)
         key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
         return saved, ckpt[key], check_epoch(ckpt["epoch"], path), f"{path} [{key}]"
     raise FileNotFoundError(f"--resume {spec}: no {CONFIG} with {WEIGHTS}, and no "
