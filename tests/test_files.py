@@ -195,14 +195,19 @@ def test_a_missing_folder_that_looks_like_a_hub_id(tmp_path, monkeypatch, capsys
         "runs/ear/tiny", tmp_path, capsys)
 
 
+def save_checkpoint(folder, model, settings, epoch: int) -> None:
+    """A training checkpoint of `model` with `settings` saved as its args (its EMA the same
+    weights), as main_ear.py writes it."""
+    ema = type("EMA", (), {"state_dict": lambda self: model.state_dict()})()
+    save_training_checkpoint(folder, model, ema, torch.optim.SGD(model.parameters(), lr=0.1),
+                             torch.amp.GradScaler("cpu", enabled=False), epoch, settings)
+
+
 def test_bad_saved_settings_in_a_training_checkpoint(export, tmp_path, capsys):
     settings = digits_settings()
     model = build_model(settings)
-    ema = type("EMA", (), {"state_dict": lambda self: model.state_dict()})()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
     settings.decoder_depth = "2"  # e.g. a hand-edited or foreign checkpoint
-    save_training_checkpoint(tmp_path, model, ema, optimizer, scaler, 0, settings)
+    save_checkpoint(tmp_path, model, settings, 0)
     assert "checkpoint-last.pth: decoder_depth is '2'" in refused(tmp_path, tmp_path, capsys)
 
 
@@ -218,11 +223,8 @@ def test_evaluate_with_a_bad_resume_is_one_line(tmp_path, capsys):
 
 def test_export_records_the_run_name_not_the_path(export, tmp_path):
     settings = digits_settings()
-    model = build_model(settings)
-    ema = type("EMA", (), {"state_dict": lambda self: model.state_dict()})()
     run = tmp_path / "secret" / "my-run"
-    save_training_checkpoint(run, model, ema, torch.optim.SGD(model.parameters(), lr=0.1),
-                             torch.amp.GradScaler("cpu", enabled=False), 7, settings)
+    save_checkpoint(run, build_model(settings), settings, 7)
     out = pretrained.export(run, tmp_path / "out")
     config = json.loads((out / pretrained.CONFIG).read_text())
     assert config["run"] == "my-run" and config["epoch"] == 7
@@ -267,9 +269,7 @@ def old_mixture_checkpoint(folder):
     model = build_model(settings)
     for name in ("gmm_dequantize", "gmm_temperature_probs", "gmm_guidance"):
         delattr(settings, name)
-    ema = type("EMA", (), {"state_dict": lambda self: model.state_dict()})()
-    save_training_checkpoint(folder, model, ema, torch.optim.SGD(model.parameters(), lr=0.1),
-                             torch.amp.GradScaler("cpu", enabled=False), 5, settings)
+    save_checkpoint(folder, model, settings, 5)
     return settings
 
 
@@ -300,11 +300,8 @@ def test_a_mixture_head_samples_and_exports_and_its_guidance_is_checked(tmp_path
     one of its choices, from a training checkpoint and from an export, and is refused by name
     otherwise."""
     settings = settings_from_checkpoint({**vars(digits_settings()), "head": "gmm"})
-    model = build_model(settings)
-    ema = type("EMA", (), {"state_dict": lambda self: model.state_dict()})()
     run = tmp_path / "run"
-    save_training_checkpoint(run, model, ema, torch.optim.SGD(model.parameters(), lr=0.1),
-                             torch.amp.GradScaler("cpu", enabled=False), 1, settings)
+    save_checkpoint(run, build_model(settings), settings, 1)
     sample(run, tmp_path, "--cfg", "2.0")
     assert (tmp_path / "g.png").is_file()
     out = pretrained.export(run, tmp_path / "out")
