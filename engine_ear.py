@@ -2,6 +2,7 @@
 import contextlib
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from models.heads import HEADS
 from util.builders import TrainState, batches_per_epoch, dataset_class_ids
 from util.distributed import MainRankFailed, all_ranks_true, all_reduce_sum, barrier, run_on_main
-from util.images import (NPZ_PERMUTATION_SEED, read_sample, sample_file, save_grid, save_png,
+from util.images import (NPZ_PERMUTATION_SEED, PngWriter, read_sample, sample_file, save_grid,
                           to_uint8, write_adm_npz)
 from util.loggers import Loggers
 from util.optim import lr_at, set_lr
@@ -32,7 +33,8 @@ class TokenBatches:
 
     @torch.no_grad()
     def __call__(self, batch):
-        data, labels = batch[0].to(self.device, non_blocking=True), batch[1].to(self.device)
+        data = batch[0].to(self.device, non_blocking=True)
+        labels = batch[1].to(self.device, non_blocking=True)
         to_tokens = self.tokenizer.from_moments if self.cached else self.tokenizer.encode
         return to_tokens(data), labels
 
@@ -117,7 +119,10 @@ def train_one_epoch(state: TrainState, loader, to_tokens: TokenBatches, position
     images_per_step = args.batch_size * k * args.world_size
     bar = tqdm(range(first, steps), initial=first, total=steps, desc=f"epoch {epoch}",
                disable=not is_main, dynamic_ncols=True)
-    total_loss, tick, last_logged = position.loss_sum, time.time(), first - 1
+    # The epoch's loss sum stays on the device (a float64 sum of the float32 step losses, as
+    # Python's float sum was): read at --print_freq, saves and the epoch's end, not every step.
+    total_loss = torch.tensor(position.loss_sum, dtype=torch.float64, device=state.device)
+    tick, last_logged = time.time(), first - 1
     with requests.batches(loader) as batches:
         for step in bar:
             lr = epoch_lr(epoch, step, steps, args)
@@ -130,23 +135,22 @@ def train_one_epoch(state: TrainState, loader, to_tokens: TokenBatches, position
                     f"non-finite {e} at epoch {epoch}, step {step}: training stopped on every "
                     f"rank. The last checkpoint in {args.output_dir} is intact; resume from it "
                     "with a lower --blr, --precision bf16/fp32 or a smaller --grad_clip") from None
-            loss_value = loss.item()
-            total_loss += loss_value
+            total_loss += loss.double()
             if step % args.print_freq == 0 or step == steps - 1:
                 now = time.time()
                 rate = images_per_step * (step - last_logged) / (now - tick)
                 tick, last_logged = now, step
-                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}",
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}",
                                 grad_norm=f"{float(grad_norm):.3f}", img_s=f"{rate:.1f}")
                 global_loss = mean_over_ranks(loss)
                 x = int((epoch + step / steps) * 1000)  # the reference's epoch_1000x axis
                 loggers.scalars({"train_loss": global_loss, "lr": lr, "grad_norm": float(grad_norm),
                                  "images_per_sec": rate}, x, "epoch_1000x")
             if requests.save:
-                save_inside_epoch(EpochPosition(epoch, (step + 1) * k, total_loss), requests,
-                                  save, bar)
+                save_inside_epoch(EpochPosition(epoch, (step + 1) * k, total_loss.item()),
+                                  requests, save, bar)
     bar.close()
-    return {"loss": total_loss / max(steps, 1),
+    return {"loss": total_loss.item() / max(steps, 1),
             "lr": epoch_lr(epoch, steps - 1, steps, args) if steps else float("nan")}
 
 
@@ -156,18 +160,20 @@ def save_inside_epoch(position: EpochPosition, requests: SaveRequests, save, bar
     requests.saved()
     if requests.stop:
         bar.close()
-        cause = requests.received.name if requests.received else "a signal to another rank"
-        raise Preempted(f"stopped by {cause} at epoch {position.epoch}, micro-batch {position.step}")
+        raise Preempted(f"stopped by {requests.cause()} at epoch {position.epoch}, micro-batch "
+                        f"{position.step}")
 
 
 # ----- generation and evaluation ----------------------------------------------------------------
 
-def balanced_labels(num_images: int, class_num: int) -> torch.Tensor:
-    """Label of every global image index: num_images / class_num consecutive images per class."""
+def balanced_labels(indices: range, num_images: int, class_num: int) -> torch.Tensor:
+    """Labels (len(indices),) of these global image indices, num_images / class_num consecutive
+    images per class. Only the indices asked for become a tensor: nothing is allocated in
+    proportion to --num_images before the images are."""
     if num_images <= 0 or num_images % class_num:
         raise ValueError(f"--num_images must be a positive multiple of --class_num ({class_num}) "
                          f"so every class gets the same count, got {num_images}")
-    return torch.arange(num_images) // (num_images // class_num)
+    return torch.arange(indices.start, indices.stop, indices.step) // (num_images // class_num)
 
 
 @torch.no_grad()
@@ -182,11 +188,25 @@ def generate(model, decode, labels: torch.Tensor, cfg: float, temperature: float
         return decode(latents.float())
 
 
-def rank_share(num_images: int, class_num: int, rank: int, world_size: int) -> tuple:
-    """(global indices, labels) one rank generates: every world_size-th index from its rank,
-    so the ranks together cover each index exactly once, with no padding."""
-    index = torch.arange(rank, num_images, world_size)
-    return index, balanced_labels(num_images, class_num)[index]
+def rank_share(num_images: int, rank: int, world_size: int) -> range:
+    """The global indices one rank generates: every world_size-th from its rank, so the ranks
+    together cover each index exactly once, with no padding. A range: sliced per batch."""
+    return range(rank, num_images, world_size)
+
+
+def check_room_for_samples(args) -> None:
+    """Refuse a --num_images that cannot be written, before anything is: every image is one
+    PNG file in a folder under --output_dir, so its file system needs that many free inodes
+    (file systems that report no inode limit are not checked). A trillion images is a typo, and
+    would otherwise end after hours with a full disk."""
+    folder = Path(args.output_dir).absolute()
+    while not folder.exists():
+        folder = folder.parent
+    fs = os.statvfs(folder)
+    if fs.f_files and args.num_images > fs.f_favail:
+        raise ValueError(f"--num_images {args.num_images}: the samples are written as that many "
+                         f"PNG files under --output_dir {args.output_dir}, whose file system has "
+                         f"room for {fs.f_favail} more files (expected at most that many)")
 
 
 def head_sampling_settings(args) -> dict:
@@ -229,43 +249,51 @@ def fallback_counts(head) -> list:
 
 @torch.no_grad()
 def generate_share(model, decode, folder: Path, cfg: float, temperature: float, batch_size: int,
-                   args, info) -> tuple:
+                   args, info, requests: SaveRequests = None) -> tuple:
     """This rank's images (index i written once, as <i>.png, by rank i % world_size), with
-    `model` as it is. Returns (seconds per image, measured after the first batch (which
-    includes warm-up: allocation, compilation) or, with a single batch, that batch; this rank's
+    `model` as it is. With `requests` (online evaluation) the ranks agree after every batch
+    whether a save signal came, and stop with Preempted (the checkpoint was written before the
+    evaluation). Returns (seconds per image, measured after the first batch (which includes
+    warm-up: allocation, compilation) or, with a single batch, that batch; this rank's
     fallback_counts for these images)."""
     counts_before = fallback_counts(model.head)
-    mine, labels = rank_share(args.num_images, args.class_num, info.rank, info.world_size)
+    mine = rank_share(args.num_images, info.rank, info.world_size)
+    # As many batches on every rank as on rank 0, which has the most images: they agree after each.
+    batches = -(-len(rank_share(args.num_images, 0, info.world_size)) // batch_size)
     torch.manual_seed(args.seed + info.rank)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     timed_images, timed_seconds, first_batch = 0, 0.0, (1, 0.0)
+    bar = tqdm(total=len(mine), unit="img", desc=f"sampling cfg {cfg}, temperature {temperature}",
+               disable=not info.is_main)
     try:
-        bar = tqdm(total=len(mine), unit="img", desc=f"sampling cfg {cfg}, temperature {temperature}",
-                   disable=not info.is_main)
-        for first in range(0, len(mine), batch_size):
-            index = mine[first:first + batch_size]
-            start = time.perf_counter()
-            images = to_uint8(generate(model, decode, labels[first:first + batch_size], cfg,
-                                       temperature, args, device))
-            if first == 0:
-                first_batch = (len(index), time.perf_counter() - start)
-            else:
-                timed_images += len(index)
-                timed_seconds += time.perf_counter() - start
-            for i, img in zip(index.tolist(), images):
-                save_png(img, sample_file(folder, i))
-            bar.update(len(index))
-        bar.close()
+        with PngWriter() as pngs:
+            for b in range(batches):
+                index = mine[b * batch_size:(b + 1) * batch_size]
+                if len(index):
+                    labels = balanced_labels(index, args.num_images, args.class_num)
+                    start = time.perf_counter()
+                    images = to_uint8(generate(model, decode, labels, cfg, temperature, args, device))
+                    if b == 0:
+                        first_batch = (len(index), time.perf_counter() - start)
+                    else:
+                        timed_images += len(index)
+                        timed_seconds += time.perf_counter() - start
+                    for i, img in zip(index, images):
+                        pngs.save(img, sample_file(folder, i))
+                    bar.update(len(index))
+                if requests is not None:
+                    requests.stop_if_signalled(device, f"while sampling (cfg {cfg}) for the evaluation")
     finally:
+        bar.close()
         model.train(was_training)
     counts = [a - b for a, b in zip(fallback_counts(model.head), counts_before)]
     return timed_seconds / timed_images if timed_images else first_batch[1] / first_batch[0], counts
 
 
 def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, temperature: float,
-             batch_size: int, loggers: Loggers = None) -> dict:
+             batch_size: int, loggers: Loggers = None, requests: SaveRequests = None) -> dict:
     """Generate args.num_images images with `model` as it is (the caller puts the EMA weights
     in) across ranks, then on rank 0: a grid (a row per class), the measurement by `metrics`
     (FID/IS/precision/recall for ImageNet, classifier scores for the digits), with --save_npz
@@ -277,7 +305,8 @@ def evaluate(model, decode, metrics, args, info, epoch: int, cfg: float, tempera
     name = samples_name(args, cfg, temperature)
     folder = Path(args.output_dir) / f"samples-{name}"
     folder.mkdir(parents=True, exist_ok=True)
-    seconds, counts = generate_share(model, decode, folder, cfg, temperature, batch_size, args, info)
+    seconds, counts = generate_share(model, decode, folder, cfg, temperature, batch_size, args, info,
+                                     requests)
     guided, fallbacks = map(int, all_reduce_sum(counts, next(model.parameters()).device))
     barrier()
     # The mixture head's guidance by rejection: how many draws fell back to unguided ones.
@@ -300,7 +329,8 @@ def measure_samples(folder: Path, name: str, metrics, args, epoch: int, seconds:
     grid = grid[..., None] if grid.ndim == 3 else grid
     grid_path = save_grid(grid, min(10, args.num_images // args.class_num), out / f"grid-{name}.png")
     # Scores, the .npz and the JSON line speak of the dataset's classes (--classes relabels).
-    labels = dataset_class_ids(args, balanced_labels(args.num_images, args.class_num).numpy())
+    every = range(args.num_images)
+    labels = dataset_class_ids(args, balanced_labels(every, args.num_images, args.class_num).numpy())
     measured = metrics.measure(folder, labels, name)
     result = {"epoch": epoch, "model": args.model, "head": args.head,
               **head_sampling_settings(args), **point, "cfg_schedule": args.cfg_schedule,

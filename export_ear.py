@@ -11,6 +11,8 @@ environment (HF_TOKEN, or `hf auth login`).
 import argparse
 
 from util import pretrained
+from util.errors import one_line_errors
+from util.fileio import check_writable
 
 
 def main(argv=None) -> None:
@@ -21,7 +23,9 @@ def main(argv=None) -> None:
     p.add_argument("--push_to_hub", default="", metavar="REPO_ID", help="also upload to this Hub repo")
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = p.parse_args(argv)
-    out = pretrained.export(args.resume, args.out, use_ema=not args.no_ema)
+    with one_line_errors():
+        check_writable(args.out, "--out", folder=True)
+        out = pretrained.export(args.resume, args.out, use_ema=not args.no_ema)
     print(f"wrote {out / pretrained.WEIGHTS} and {out / pretrained.CONFIG}")
     if args.push_to_hub:
         print(f"pushed to {pretrained.push(out, args.push_to_hub, args.private)}")

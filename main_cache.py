@@ -28,7 +28,8 @@ from tqdm import tqdm
 from models.tokenizer import build_tokenizer
 from util.args import cache_parser, check_positive
 from util.distributed import all_gather_objects, all_reduce_sum, barrier, cleanup, init_distributed
-from util.fileio import atomic_write, remove_stale_temporaries
+from util.errors import one_line_errors
+from util.fileio import atomic_write, check_writable, remove_stale_temporaries
 from util.loader import (CachedFolder, ImageFolderWithFilename, image_transform, load_cached_moments,
                          train_folder)
 from util.packed_cache import (INDEX_NAME, SegmentWriter, committed_names, remove_packed,
@@ -67,26 +68,24 @@ def collate(batch):
 
 
 def encode_with_flip(tokenizer, images: torch.Tensor) -> np.ndarray:
-    """Records of the images: (B, 2, 2C, h, w) float32, [:, 0] their moments, [:, 1] their flips'."""
-    moments = tokenizer.moments(torch.cat([images, images.flip(dims=[3])]))
-    both = moments.cpu().numpy().reshape(2, images.shape[0], *moments.shape[1:])
-    return np.ascontiguousarray(both.swapaxes(0, 1))
+    """Records of the images (B, 3, H, W): (B, 2, 2C, h, w) float32, [:, 0] their moments,
+    [:, 1] their flips'. Two passes of B images, as the reference: one of 2B would need twice
+    the fp32 encoder's activation memory."""
+    halves = [tokenizer.moments(x).cpu().numpy() for x in (images, images.flip(dims=[3]))]
+    return np.stack(halves, axis=1)
 
 
 class ImageSource:
     """The training images, encoded with their flips by the VAE. names: "<class>/<file>"."""
 
     def __init__(self, args, info):
-        try:  # loaded first: a missing or wrong VAE fails before anything is listed or written
+        with one_line_errors():  # first: a bad VAE fails before anything is listed or written
             self.tokenizer = build_tokenizer(vars(args), info.device)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
         if not self.tokenizer.cacheable:
             raise SystemExit(f"error: --tokenizer {args.tokenizer} has nothing to cache")
         self.args, self.device = args, info.device
         self.dataset = ImageFolderWithFilename(train_folder(args.data_path),
-                                               image_transform(args.img_size, random_flip=False),
-                                               skip_bad=args.skip_bad)
+                                               image_transform(args.img_size, random_flip=False))
         self.classes = self.dataset.classes
         self.names = [self.dataset.relative_path(i) for i in range(len(self.dataset))]
         self.record_shape = (2, *self.tokenizer.cache_shape(args.img_size // self.tokenizer.stride))
@@ -98,6 +97,10 @@ class ImageSource:
                             shuffle=False, num_workers=self.args.num_workers, collate_fn=collate,
                             pin_memory=self.args.pin_mem and self.device.type == "cuda")
         for images, names, failed in loader:
+            if failed and not self.args.skip_bad:
+                path = os.path.join(self.dataset.root, failed[0][0])
+                raise SystemExit(f"error: {path}: cannot read image ({failed[0][1]}) "
+                                 "(pass --skip_bad to list it and go on)")
             records = None if images is None else encode_with_flip(
                 self.tokenizer, images.to(self.device, non_blocking=True))
             yield records, names, failed
@@ -232,17 +235,17 @@ def check_args(args) -> None:
 def encode_all(source, form, todo, info) -> tuple:
     """Write the records of `todo` (indices into source.names); (written, [(name, error)])."""
     written, failures = 0, []
-    bar = tqdm(total=len(todo), unit="img", disable=not info.is_main, smoothing=0.1)
-    for records, names, failed in source.batches(todo):
-        failures += failed
-        for rel, err in failed:
-            print(f"[rank {info.rank}] skipping unreadable {rel}: {err}")
-        if names:
-            form.write(names, records)
-            written += len(names)
-        bar.update(len(names) + len(failed))
-        bar.set_postfix(all_ranks=f"{(bar.format_dict['rate'] or 0) * info.world_size:.0f} img/s")
-    bar.close()
+    # closed on the way out too, so that an error line starts a line of its own
+    with tqdm(total=len(todo), unit="img", disable=not info.is_main, smoothing=0.1) as bar:
+        for records, names, failed in source.batches(todo):
+            failures += failed
+            for rel, err in failed:
+                print(f"[rank {info.rank}] skipping unreadable {rel}: {err}")
+            if names:
+                form.write(names, records)
+                written += len(names)
+            bar.update(len(names) + len(failed))
+            bar.set_postfix(all_ranks=f"{(bar.format_dict['rate'] or 0) * info.world_size:.0f} img/s")
     form.close()
     return written, failures
 
@@ -270,13 +273,16 @@ def main(args) -> None:
     check_args(args)
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp, args.dist_timeout)
     root = Path(args.cached_path)
-    source = (PerFileSource if args.convert_cache is not None else ImageSource)(args, info)
+    with one_line_errors():  # a bad VAE, image folder or existing cache: before anything is written
+        check_writable(root, "--cached_path", folder=True)
+        source = (PerFileSource if args.convert_cache is not None else ImageSource)(args, info)
+        form = (PackedForm if args.cache_format == "packed" else FileForm)(root, source.record_shape,
+                                                                           info.rank)
+        done = set() if args.overwrite else form.committed(source.classes)
     torch.manual_seed(args.seed + info.rank)
-    form = (PackedForm if args.cache_format == "packed" else FileForm)(root, source.record_shape, info.rank)
     form.prepare(source.classes, info.is_main, args.overwrite)
     barrier()  # every rank sees the same cache state before anyone writes
 
-    done = set() if args.overwrite else form.committed(source.classes)
     shard = range(info.rank, len(source.names), info.world_size)  # disjoint, no padding
     todo = [i for i in shard if source.names[i] not in done]
     if info.is_main:

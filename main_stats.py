@@ -14,11 +14,14 @@ Written atomically to --out, for `main_ear.py --fid_stats` and `--ref_batch`:
 - `resolution` (S), `num_images`, `inception_sha256`.
 
 With --fd_dinov2 also `<out stem>_dinov2.npz` (`mu`, `sigma` of DINOv2 features as dgm-eval
-computes them, `resolution`), for `--fd_dinov2_stats`. One pass, nothing kept between runs:
-an interrupted job is simply run again.
+computes them, `resolution`), for `--fd_dinov2_stats`. An unreadable image stops the job, named;
+with --skip_bad it is left out of all of these and listed in `<out stem>_skipped.txt`
+("path<TAB>error" a line). One pass, nothing kept between runs: an interrupted job is simply
+run again.
 """
 import json
 import time
+from bisect import bisect
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +32,17 @@ from tqdm import tqdm
 
 from util.args import check_positive, stats_parser
 from util.crop import center_crop_arr
-from util.distributed import barrier, cleanup, init_distributed
+from util.distributed import all_gather_objects, barrier, cleanup, init_distributed
+from util.errors import one_line_errors
 from util.fid import DinoV2Features, exact_float32, inception_extractor, inception_pool
-from util.fileio import atomic_write
-from util.loader import load_rgb, parse_classes, train_folder
+from util.fileio import atomic_write, check_writable
+from util.loader import ImageFolder, load_rgb, parse_classes, train_folder
 
 
 class CroppedImages(Dataset):
-    """(uint8 ADM centre crop (3, S, S), index) of image files."""
+    """(uint8 ADM centre crop (3, S, S), index, None) of image files, or (None, index, error
+    text) for one that cannot be read: the main process names it, where an exception in a
+    loader worker would end in a traceback."""
 
     def __init__(self, paths: list, img_size: int):
         self.paths, self.img_size = paths, img_size
@@ -45,22 +51,34 @@ class CroppedImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        crop = np.array(center_crop_arr(load_rgb(self.paths[i]), self.img_size))  # writable
-        return torch.from_numpy(crop).permute(2, 0, 1).contiguous(), i
+        try:
+            crop = np.array(center_crop_arr(load_rgb(self.paths[i]), self.img_size))  # writable
+        except Exception as e:
+            return None, i, " ".join(f"{type(e).__name__}: {e}".split())
+        return torch.from_numpy(crop).permute(2, 0, 1).contiguous(), i, None
+
+
+def collate(batch) -> tuple:
+    """(readable crops (B, 3, S, S) or None, their indices [B], [(index, error)] of the others)."""
+    good = [(crop, i) for crop, i, error in batch if error is None]
+    crops = torch.stack([crop for crop, _ in good]) if good else None
+    return crops, [i for _, i in good], [(i, error) for _, i, error in batch if error is not None]
 
 
 def image_paths(args) -> list:
-    """The images of the folder (or of --classes), in ImageFolder's order."""
-    from torchvision.datasets import ImageFolder
+    """The images of the folder (or of --classes), in ImageFolder's order; ValueError naming the
+    folder or class without images."""
     folder = train_folder(args.data_path)
     if not folder.is_dir():
         raise SystemExit(f"error: --data_path {args.data_path}: expected images in "
                          f"{folder}/<class>/<image> (the ImageNet layout)")
-    dataset = ImageFolder(folder, loader=load_rgb)
-    if not args.classes:
-        return [path for path, _ in dataset.samples]
-    chosen = set(parse_classes(args.classes, dataset.classes))
-    return [path for path, label in dataset.samples if label in chosen]
+    dataset = ImageFolder(folder, transform=None)  # listed only: CroppedImages reads them
+    chosen = (set(parse_classes(args.classes, dataset.classes)) if args.classes
+              else range(len(dataset.classes)))
+    paths = [path for path, label in dataset.samples if label in chosen]
+    if len(paths) < 2:
+        raise ValueError(f"{folder}: only one image (expected at least 2, for a covariance)")
+    return paths
 
 
 class Moments:
@@ -101,22 +119,38 @@ def shard_file(out: Path, rank: int) -> Path:
 
 
 def measure_shard(dataset, shard, positions: dict, extractor, dinov2, args, info) -> tuple:
-    """This rank's feature sums and its reference images ({row: image (S, S, 3)})."""
+    """This rank's feature sums, its reference images ({row: image (S, S, 3)}) and, with
+    --skip_bad, its unreadable images [(index, error)]."""
     loader = DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=args.batch_size,
-                        num_workers=args.num_workers, pin_memory=info.device.type == "cuda")
-    pool, dino, kept = Moments(2048), Moments(1024) if dinov2 else None, {}
-    bar = tqdm(total=len(shard), unit="img", disable=not info.is_main)
-    with exact_float32():
-        for images, index in loader:
-            pool.add(inception_pool(extractor, images, info.device))
-            if dinov2 is not None:
-                dino.add(dinov2.batch(images))
-            for image, i in zip(images, index.tolist()):
-                if i in positions:
-                    kept[positions[i]] = image.permute(1, 2, 0).numpy()
-            bar.update(len(index))
-    bar.close()
-    return pool, dino, kept
+                        num_workers=args.num_workers, collate_fn=collate,
+                        pin_memory=info.device.type == "cuda")
+    pool, dino, kept, skipped = Moments(2048), Moments(1024) if dinov2 else None, {}, []
+    # the bar is closed on the way out too, so that an error line starts a line of its own
+    with exact_float32(), tqdm(total=len(shard), unit="img", disable=not info.is_main) as bar:
+        for images, index, failed in loader:
+            if failed and not args.skip_bad:
+                raise SystemExit(f"error: {dataset.paths[failed[0][0]]}: cannot read image "
+                                 f"({failed[0][1]}) (pass --skip_bad to list it and go on)")
+            skipped += failed
+            if images is not None:
+                pool.add(inception_pool(extractor, images, info.device))
+                if dinov2 is not None:
+                    dino.add(dinov2.batch(images))
+                for image, i in zip(images, index):
+                    if i in positions:
+                        kept[positions[i]] = image.permute(1, 2, 0).numpy()
+            bar.update(len(index) + len(failed))
+    return pool, dino, kept, skipped
+
+
+def write_skipped(path: Path, skipped: list) -> None:
+    """The unreadable images [(path, error)], "path<TAB>error" a line; none: no file (an earlier
+    run's list would name images that are read by now)."""
+    if skipped:
+        text = "".join(f"{image}\t{error}\n" for image, error in skipped)
+        atomic_write(path, lambda f: f.write(text.encode()))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def write_reference(out: Path, kept: dict, count: int, img_size: int, info) -> np.ndarray:
@@ -142,10 +176,9 @@ def write_reference(out: Path, kept: dict, count: int, img_size: int, info) -> n
 def main(args) -> None:
     check_positive(args, "img_size", "batch_size")
     info = init_distributed(args.device, args.dist_url, args.dist_on_itp, args.dist_timeout)
-    out = Path(args.out)
-    paths = image_paths(args)
-    if not paths:
-        raise SystemExit(f"error: no images under {train_folder(args.data_path)} for these classes")
+    with one_line_errors():  # before any work: where the results go, what images there are
+        out = check_writable(args.out, "--out")
+        paths = image_paths(args)
     try:  # the networks first: missing weights fail before any image is read
         extractor = inception_extractor(info.device, args.inception_weights)
         dinov2 = DinoV2Features(info.device) if args.fd_dinov2 else None
@@ -155,18 +188,33 @@ def main(args) -> None:
     positions = reference_positions(len(paths), min(args.ref_images, len(paths)), args.seed)
     shard = list(range(info.rank, len(paths), info.world_size))  # disjoint, no padding
     dataset = CroppedImages(paths, args.img_size)
-    pool, dino, kept = measure_shard(dataset, shard, positions, extractor, dinov2, args, info)
+    pool, dino, kept, skipped = measure_shard(dataset, shard, positions, extractor, dinov2, args,
+                                              info)
+    skipped = sorted(f for part in all_gather_objects(skipped) for f in part)  # every rank's
     n, mu, sigma = pool.gaussian(info.device)
-    if n != len(paths):
-        raise SystemExit(f"error: {n} images measured across ranks, expected {len(paths)}")
-    arr_0 = write_reference(out, kept, len(positions), args.img_size, info)
+    if n != len(paths) - len(skipped):
+        raise SystemExit(f"error: {n} images measured across ranks, expected "
+                         f"{len(paths) - len(skipped)}")
+    skipped_list = out.with_name(f"{out.stem}_skipped.txt")
+    if info.is_main:
+        write_skipped(skipped_list, [(paths[i], error) for i, error in skipped])
+    if n < 2:
+        raise SystemExit(f"error: {train_folder(args.data_path)}: {n} readable image(s) (expected "
+                         f"at least 2, for a covariance; the others are listed in {skipped_list})")
+    # arr_0 without the skipped images' rows: the rows after one move up
+    gone = sorted(positions[i] for i, _ in skipped if i in positions)
+    kept = {row - bisect(gone, row): image for row, image in kept.items()}
+    arr_0 = write_reference(out, kept, len(positions) - len(gone), args.img_size, info)
     dino_stats = dino.gaussian(info.device) if dino is not None else None
     if info.is_main:
         atomic_write(out, lambda f: np.savez(
             f, mu=mu, sigma=sigma, arr_0=arr_0, resolution=np.int64(args.img_size),
             num_images=np.int64(n), inception_sha256=extractor.weights_sha256))
         written = {"stats": str(out), "num_images": n, "reference_images": len(arr_0),
-                   "resolution": args.img_size, "seconds": round(time.time() - start, 1)}
+                   "skipped": len(skipped), "resolution": args.img_size,
+                   "seconds": round(time.time() - start, 1)}
+        if skipped:
+            written["skipped_list"] = str(skipped_list)
         if dino_stats is not None:
             dino_out = out.with_name(f"{out.stem}_dinov2.npz")
             atomic_write(dino_out, lambda f: np.savez(

@@ -18,10 +18,14 @@ import torch
 from engine_ear import generate
 from util import pretrained
 from util.args import (ArgsFileParser, add_device_args, add_precision_arg, add_sampling_args,
-                       architecture_flags, explicit_flags, network_settings, train_parser)
+                       add_vae_path_arg, architecture_flags, check_positive, check_sampling_args,
+                       explicit_flags, network_settings, train_parser)
 from util.builders import build_model, make_tokenizer, settings_from_checkpoint
-from util.checkpoint import check_same_config
+from util.settings import check_same_config, check_settings_fit
+from util.errors import one_line_errors
+from util.fileio import check_writable
 from util.images import save_grid, save_png, to_uint8
+from util.precision import set_up_cuda
 from util.weights import load_state_dict_strict
 
 
@@ -33,8 +37,7 @@ def parser() -> ArgsFileParser:
                         "+ config.json, export_ear.py) or a Hugging Face Hub repo id (user/name)")
     g.add_argument("--revision", default=None, help="with a Hub repo id: branch, tag or commit")
     g.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
-    g.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt",
-                   help="KL-16 VAE weights, for a checkpoint trained on VAE latents")
+    add_vae_path_arg(g)
     g = p.add_argument_group("sampling")
     g.add_argument("--class_ids", type=int, nargs="+", default=[207, 360, 387, 974, 88, 979, 417, 279],
                    help="classes to draw, one grid row each (the dataset's ids, also for a model "
@@ -63,21 +66,18 @@ def parse_args(argv=None) -> tuple:
 def load_checkpoint(args, given: dict) -> tuple:
     """(model with the weights of --resume, its training settings, epoch). Every file is
     checked, and the settings compared with the weights' shapes, before the network is built:
-    a bad file is a one-line error naming it and the key."""
-    try:
-        saved, state, epoch, source = pretrained.read(args.resume, args.revision, not args.no_ema)
-        settings = settings_from_checkpoint(saved)
-        shaping = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
-        check_same_config(saved, argparse.Namespace(**shaping), shaping, source)
-        # Other settings of the network may change, e.g. the diffusion head's --num_sampling_steps.
-        overrides = {n: v for n, v in given.items() if n in network_settings(settings.head)
-                     and n not in shaping}
-        vars(settings).update({**shaping, **overrides})
-        pretrained.check_settings_fit(settings, state, source)
-        model = build_model(settings)
-        load_state_dict_strict(model, state, source)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+    a bad file raises ValueError (or FileNotFoundError) naming it and the key."""
+    saved, state, epoch, source = pretrained.read(args.resume, args.revision, not args.no_ema)
+    settings = settings_from_checkpoint(saved)
+    shaping = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
+    check_same_config(saved, argparse.Namespace(**shaping), shaping, source)
+    # Other settings of the network may change, e.g. the diffusion head's --num_sampling_steps.
+    overrides = {n: v for n, v in given.items() if n in network_settings(settings.head)
+                 and n not in shaping}
+    vars(settings).update({**shaping, **overrides})
+    check_settings_fit(settings, state, source)
+    model = build_model(settings)
+    load_state_dict_strict(model, state, source)
     ignored = sorted(set(given) - set(shaping) - set(overrides))
     if ignored:
         print(f"note: ignoring training flags {', '.join('--' + n for n in ignored)}: the network "
@@ -96,17 +96,38 @@ def model_labels(class_ids: list, settings) -> torch.Tensor:
     return torch.tensor([classes.index(c) for c in class_ids])
 
 
+def check_outputs(args) -> None:
+    """--out (a picture file PIL can write) and --save_individual, before anything is loaded."""
+    from PIL import Image
+    check_writable(args.out, "--out")
+    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out}: no picture file extension (expected e.g. .png)")
+    if args.save_individual:
+        check_writable(args.save_individual, "--save_individual", folder=True)
+
+
+def set_up(args, given: dict, device) -> tuple:
+    """(model on `device`, tokenizer, the model's labels of the images, settings, epoch), every
+    flag and file checked first; a bad one ends the process with one line."""
+    check_sampling_args(args)
+    check_positive(args, "samples_per_class")
+    with one_line_errors():
+        check_outputs(args)
+        model, settings, epoch = load_checkpoint(args, given)
+        if args.num_iter > model.seq_len:
+            raise ValueError(f"--num_iter {args.num_iter}: the checkpoint's images have "
+                             f"{model.seq_len} tokens (expected at most one step per token)")
+        labels = model_labels(args.class_ids, settings)
+        tokenizer = make_tokenizer({**vars(settings), "vae_path": args.vae_path,
+                                    "use_cached": False}, device)
+    return model.to(device).eval(), tokenizer, labels, settings, epoch
+
+
 def main(args, given: dict) -> None:
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
+    set_up_cuda(device, tf32=True)  # as main_ear.py --evaluate samples by default (--tf32)
     torch.manual_seed(args.seed)
-    model, settings, epoch = load_checkpoint(args, given)
-    if not 1 <= args.num_iter <= model.seq_len:
-        raise SystemExit(f"error: --num_iter {args.num_iter} must be in [1, {model.seq_len}]: the "
-                         f"checkpoint's images have {model.seq_len} tokens")
-    labels = model_labels(args.class_ids, settings)
-    model.to(device).eval()
-    tokenizer = make_tokenizer({**vars(settings), "vae_path": args.vae_path, "use_cached": False},
-                               device)
+    model, tokenizer, labels, settings, epoch = set_up(args, given, device)
     labels = labels.repeat_interleave(args.samples_per_class)
     images = torch.cat([generate(model, tokenizer.decode, chunk, args.cfg, args.infer_temperature,
                                  args, device)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.vae import LATENT_SCALE, AutoencoderKL, load_vae  # noqa: E402
+from models.vae import DEFAULT_VAE_PATH, LATENT_SCALE, AutoencoderKL, load_vae  # noqa: E402
 from util.crop import center_crop_arr  # noqa: E402
 from util.precision import autocast  # noqa: E402
 
@@ -35,7 +35,7 @@ def images(image_dir, size: int) -> torch.Tensor:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt")
+    p.add_argument("--vae_path", default=DEFAULT_VAE_PATH)
     p.add_argument("--random_weights", action="store_true", help="a randomly initialised KL-16")
     p.add_argument("--image_dir", default="", help="images to encode (default: sklearn's photos)")
     p.add_argument("--img_size", type=int, default=256)

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from models.diffusion import Diffusion, cosine_betas
-from models.scoreloss import FinalLayer, ResBlock, init_modulated_mlp, masked_rows
+from models.scoreloss import FinalLayer, ResBlock, init_modulated_mlp, masked_rows, run_block
 
 TRAIN_TIMESTEPS = 1000
 
@@ -36,6 +36,7 @@ class Denoiser(nn.Module):
     """(noised token x_t (N, D), timestep t (N,), hidden state z (N, C)) -> (N, 2D): the predicted
     noise and the per-dimension variance interpolation v. A residual MLP adaLN-modulated by
     timestep embedding + Linear(z)."""
+    grad_checkpointing = False  # EAR's flag: recompute the residual blocks in backward
 
     def __init__(self, token_dim: int, z_dim: int, width: int, depth: int):
         super().__init__()
@@ -52,7 +53,7 @@ class Denoiser(nn.Module):
         cond = self.time_embed(t) + self.cond_embed(z)
         h = self.input_proj(x)
         for block in self.res_blocks:
-            h = block(h, cond)
+            h = run_block(self, block, h, cond)
         return self.final_layer(h, cond)
 
 
@@ -118,9 +119,9 @@ class DiffLoss(nn.Module):
         return process.training_loss(model, target, t, noise).mean()
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, temperature=1.0, cfg: float = 1.0) -> torch.Tensor:
         """One token per row of z (N, C) -> (N, D); with cfg != 1, z is [z_cond; z_uncond] and
-        N/2 tokens come back."""
+        N/2 tokens come back. `temperature`: a number or a 0-d tensor."""
         process = self.process(self.num_sampling_steps, z.device)
         if cfg == 1.0:
             model = lambda x, t: self.net(x, t, z).chunk(2, dim=-1)

@@ -17,10 +17,10 @@ from functools import partial
 import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 from models.heads import HEADS
+from models.scoreloss import run_block
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -36,7 +36,8 @@ class EAR(nn.Module):
         label_drop_prob: chance, per training sample, of replacing the class by `fake_latent`.
         class_num: number of classes; buffer_size: class-prefix length.
         attn_dropout, proj_dropout: dropout inside the Transformer blocks.
-        grad_checkpointing: recompute block activations in backward to save memory.
+        grad_checkpointing: recompute the Transformer blocks' and the head's residual blocks'
+            activations in backward to save memory.
         head: the output head's name in models/heads.py (`energy`: the paper's generator).
         **head_settings: the head's own settings, e.g. the energy head's scoreloss_d,
             scoreloss_w, noise_channels, alpha, train_temperature, score_batch_mul.
@@ -57,7 +58,8 @@ class EAR(nn.Module):
         "label_drop_prob": ("chance of dropping the class during training (for guidance)", False),
         "attn_dropout": ("attention dropout", False),
         "proj_dropout": ("projection dropout", False),
-        "grad_checkpointing": ("recompute Transformer activations in backward to save memory", False),
+        "grad_checkpointing": ("recompute Transformer and head activations in backward to save "
+                               "memory", False),
     }
 
     def __init__(self, img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
@@ -105,6 +107,11 @@ class EAR(nn.Module):
         self.head_name = head_cls.attribute
         self.add_module(self.head_name, head_cls(self.token_embed_dim, decoder_embed_dim,
                                                  **head_settings))
+        # The head's residual MLP blocks are recomputed in backward too, as the reference's:
+        # with several samples per token (score_batch_mul) theirs are the largest activations.
+        for m in self.head.modules():
+            if hasattr(m, "grad_checkpointing"):
+                m.grad_checkpointing = grad_checkpointing
 
     @property
     def head(self) -> nn.Module:
@@ -178,10 +185,7 @@ class EAR(nn.Module):
         prefix = cls_emb[:, None, :].expand(-1, self.buffer_size, -1).to(x.dtype)
         x = torch.cat([prefix, x], dim=1) + self.decoder_pos_embed_learned
         for block in self.decoder_blocks:
-            if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+            x = run_block(self, block, x)
         x = self.decoder_norm(x)
         return x[:, self.buffer_size:]
 
@@ -230,7 +234,8 @@ class EAR(nn.Module):
         """Generate latents (B, C, H, W). Call in eval mode (temperature acts only there).
 
         labels: (B,) class ids, or None for unconditional samples (then guidance is a no-op and
-        is skipped). cfg: guidance scale, applied per step as `cfg_schedule` says.
+        is skipped). cfg: guidance scale, applied per step as `cfg_schedule` says. Under
+        --compile one compilation serves every temperature, cfg and batch size (see dynamic_rows).
         """
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
@@ -247,28 +252,48 @@ class EAR(nn.Module):
             cls_emb = torch.cat([cls_emb, self.fake_latent.expand(bsz, -1)])
         tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
         orders = self.random_orders(bsz, device)
+        # A tensor, made on the device once: compiled heads take it as an input instead of
+        # specialising on the number (one graph for every --infer_temperature).
+        temperature = torch.full((), float(infer_temperature), device=device)
         num_masked = self.seq_len
         for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
             mask = self.mask_by_order(orders, num_masked)
             x, m = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-            z = self.forward_transformer(x, cls_emb, m)
+            z = self.forward_transformer(*dynamic_rows(x, cls_emb, m))
             last = step == num_iter - 1
             remaining = self.masked_after_step(step, num_iter, num_masked)
             # Fill order[remaining:num_masked] (on the last step everything still masked).
             index = orders[:, (0 if last else remaining):num_masked]
             n_fill = index.shape[1]
-            # With guidance the rows come out conditional half first, as a head's sample wants.
-            z = z.gather(1, (torch.cat([index, index]) if guided else index)[..., None]
-                         .expand(-1, -1, z.shape[-1])).flatten(0, 1)
+            z = rows_at(z, torch.cat([index, index]) if guided else index)
             if guided and cfg_schedule == "linear":
                 cfg_step = 1 + (cfg - 1) * (self.seq_len - remaining) / self.seq_len
             else:
                 cfg_step = cfg if guided else 1.0
-            new = self.head.sample(z, infer_temperature, cfg_step).to(tokens.dtype)
+            new = self.head.sample(z, temperature, cfg_step).to(tokens.dtype)
             tokens.scatter_(1, index[..., None].expand(-1, -1, self.token_embed_dim),
                             new.reshape(bsz, n_fill, -1))
             num_masked = 0 if last else remaining
         return self.unpatchify(tokens)
+
+
+def dynamic_rows(*tensors: torch.Tensor) -> tuple:
+    """The tensors, their first dimension (images, or twice that with guidance) marked dynamic for
+    torch.compile: one compiled graph serves every sampling batch, the last partial one and
+    guided or not included (but for a batch of one: torch specialises sizes 0 and 1). Without
+    torch.compile, nothing changes."""
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return tensors
+
+
+def rows_at(z: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Hidden states z (B, L, width) at `positions` (B, n) of each sequence -> (B * n, width),
+    sequence by sequence (with guidance: the conditional half, then the unconditional one, as
+    a head's sample wants). Indexed rather than gathered and flattened, so never a view: a
+    compiled head guards on a view's base, and guided rows, computed from these, are none."""
+    sequence = torch.arange(len(positions), device=z.device)[:, None].expand_as(positions)
+    return z[sequence.flatten(), positions.flatten()]
 
 
 # The named Transformer sizes (the paper's, and a CPU-sized one); each head brings its own size

@@ -4,7 +4,10 @@ Gaussians over the token, trained by its negative log-likelihood, the logarithmi
 In the paper's framing: the log score is strictly proper too, but it needs a density, so the
 distribution is confined to a parametric family; the energy score needs only samples.
 
-As GIVT's release builds it (SPEC section 9): a zero-initialised output layer; scales
+As GIVT's release builds it (Tschannen et al., "GIVT: Generative Infinite-Vocabulary
+Transformers", ECCV 2024, arXiv 2312.02116; code: google-research/big_vision,
+`big_vision/models/proj/givt/givt.py`, ImageNet config: k = 16, `fix_square_plus=True`):
+a zero-initialised output layer; scales
 squareplus(raw) floored at 1e-6; the loss is the NLL of the whole token (summed over its
 channels), averaged over tokens; the temperature multiplies the scales and a separate one
 multiplies the mixture logits; guidance on densities, p_c^cfg p_u^(1-cfg), sampled per channel
@@ -18,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.scoreloss import guided_hidden_state, masked_rows
+from models.scoreloss import guided_hidden_state, masked_rows, run_block
 
 MIN_SCALE = 1e-6  # GIVT's floor on the scales
 
@@ -103,6 +106,7 @@ class MixtureMLP(nn.Module):
     """z (N, C) -> mixture parameters: `depth` pre-norm residual MLP blocks of `width` (none: a
     single linear map of z, as GIVT), then a zero-initialised Linear to k logits, k means and
     k raw scales (GIVT's output layer)."""
+    grad_checkpointing = False  # EAR's flag: recompute the residual blocks in backward
 
     def __init__(self, z_dim: int, token_dim: int, components: int, depth: int, width: int):
         super().__init__()
@@ -125,7 +129,7 @@ class MixtureMLP(nn.Module):
         """-> logits (N, k), means (N, k, D), scales (N, k, D) (squareplus, floored at 1e-6)."""
         h = self.input_proj(z)
         for block in self.res_blocks:
-            h = h + block(h)
+            h = h + run_block(self, block, h)
         # The mixture parameters in float32 even under fp16/bf16 autocast: half-precision means
         # would quantise the density far more coarsely than the smallest scale.
         with torch.autocast(device_type=z.device.type, enabled=False):
@@ -214,9 +218,9 @@ class GMMLoss(nn.Module):
         return [p.gather(1, index)[:, 0] for p in params]
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, temperature=1.0, cfg: float = 1.0) -> torch.Tensor:
         """One token per row of z (N, C) -> (N, D); with cfg != 1, z is [z_cond; z_uncond] and
-        N/2 tokens come back. `temperature` multiplies the scales."""
+        N/2 tokens come back. `temperature` (a number or a 0-d tensor) multiplies the scales."""
         if cfg == 1.0 or self.guidance == "hidden":
             logits, means, scales = self.net(guided_hidden_state(z, cfg))
             mean, scale = self.pick(logits, means.float(), scales.float())

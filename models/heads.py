@@ -48,9 +48,11 @@ class Head(Protocol):
         """Mean loss over the rows of target (N, D) given z (N, C) where mask (N,) is 1 (all
         rows when mask is None)."""
 
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, temperature=1.0, cfg: float = 1.0) -> torch.Tensor:
         """One token per row of z (N, C) -> (N, D). With cfg != 1, z is the conditional half
-        followed by the unconditional half (N = 2M) and M tokens come back."""
+        followed by the unconditional half (N = 2M) and M tokens come back. `temperature` is a
+        number or a 0-d float32 tensor on z's device (EAR.sample_tokens passes one, so that a
+        compiled head does not recompile per value)."""
 
     def compile_for_training(self) -> None:
         """torch.compile the networks the loss runs, for a row count that varies per step."""

@@ -12,6 +12,7 @@ proper scoring rule for alpha in (0, 2) and tau = 1), so training needs no likel
 """
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 def check_alpha_temperature(alpha: float, train_temperature: float) -> None:
@@ -61,6 +62,15 @@ def guided_hidden_state(z: torch.Tensor, cfg: float) -> torch.Tensor:
     return cfg * z_cond + (1 - cfg) * z_uncond
 
 
+def run_block(owner: nn.Module, block: nn.Module, *inputs):
+    """block(*inputs). While `owner` trains with its `grad_checkpointing` set (EAR sets it on
+    its own and its head's networks), the block keeps no activations for backward and is run
+    again there instead: memory for compute, the same values and gradients."""
+    if owner.grad_checkpointing and owner.training:
+        return checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale) + shift
 
@@ -75,11 +85,14 @@ class ResBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
-    def forward(self, x: torch.Tensor, cond: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """x, cond: (N, w). `temperature` multiplies the shift (eval mode only)."""
+    def forward(self, x: torch.Tensor, cond: torch.Tensor, temperature=None) -> torch.Tensor:
+        """x, cond: (N, w). `temperature` (a number or a 0-d tensor; None: 1, the diffusion
+        head's) multiplies the shift (eval mode only)."""
         shift, scale, gate = self.adaLN_modulation(cond).chunk(3, dim=-1)
-        if not self.training:
-            shift = shift * temperature
+        if temperature is not None and not self.training:
+            # In float32, as a Python number would be (a 0-d CUDA tensor would first be
+            # rounded to a half-precision shift's dtype).
+            shift = (shift.float() * temperature).to(shift.dtype)
         h = self.mlp(modulate(self.in_ln(x), shift, scale))
         return x + gate * h
 
@@ -121,6 +134,7 @@ class NoiseMLP(nn.Module):
         out_dim: token dimension.
         noise_channels: dimension of the input noise.
     """
+    grad_checkpointing = False  # EAR's flag: recompute the residual blocks in backward
 
     def __init__(self, in_dim: int, width: int, depth: int, out_dim: int, noise_channels: int):
         super().__init__()
@@ -139,7 +153,7 @@ class NoiseMLP(nn.Module):
         x = self.input_proj(z)
         noise_emb = self.noise_embed(noise)
         for block in self.res_blocks:
-            x = block(x, noise_emb, temperature)
+            x = run_block(self, block, x, noise_emb, temperature)
         return self.final_layer(x, noise_emb)
 
 
@@ -184,8 +198,9 @@ class ScoreLoss(nn.Module):
         self.score_batch_mul = score_batch_mul
         self.net = NoiseMLP(z_dim, scoreloss_w, scoreloss_d, token_dim, noise_channels)
 
-    def generate(self, z: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """One sample per row of z (N, C), with fresh noise for every row -> (N, D)."""
+    def generate(self, z: torch.Tensor, temperature=1.0) -> torch.Tensor:
+        """One sample per row of z (N, C), with fresh noise for every row -> (N, D);
+        `temperature`: a number or a 0-d tensor."""
         noise = torch.rand(z.shape[0], self.net.noise_channels, device=z.device, dtype=z.dtype) - 0.5
         return self.net(z, noise, temperature)
 
@@ -202,14 +217,18 @@ class ScoreLoss(nn.Module):
         return -score.mean()
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+    def sample(self, z: torch.Tensor, temperature=1.0, cfg: float = 1.0) -> torch.Tensor:
         """Draw one token per conditioning row.
 
         z: (N, C). With cfg != 1, z is the conditional half followed by the unconditional half
         (N = 2M); guidance mixes the hidden states, z = cfg * z_cond + (1 - cfg) * z_uncond,
-        before the generator, and M samples are returned. `temperature` scales the residual
-        blocks' shifts (eval mode only). Returns (N or N/2, D).
+        before the generator, and M samples are returned. `temperature` (a number or a 0-d
+        tensor) scales the residual blocks' shifts (eval mode only). Returns (N or N/2, D).
         """
+        # The generator gets the temperature as a float32 tensor on z's device (no copy when it
+        # is one already, as EAR.sample_tokens passes it): a compiled generator takes it as an
+        # input rather than recompiling for each value.
+        temperature = torch.as_tensor(temperature, dtype=torch.float32, device=z.device)
         return self.generate(guided_hidden_state(z, cfg), temperature)
 
     def compile_for_training(self) -> None:

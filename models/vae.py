@@ -205,6 +205,10 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
+# Where `python util/download.py` puts the VAE, and where the entry points look for it.
+DEFAULT_VAE_PATH = "pretrained_models/vae/kl16.ckpt"
+
+
 def load_vae(path, embed_dim: int = 16) -> AutoencoderKL:
     """Build the KL-16 VAE and load weights strictly from `path` (.ckpt or .safetensors)."""
     if not Path(path).is_file():

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Key -> shape of the reference ear_base/large/huge and KL-16 VAE checkpoints, copied from the
-# project's shared/reference folder so the suite runs on any clone.
+# Key -> shape of the reference ear_base/large/huge and KL-16 VAE checkpoints, read from the
+# released files and kept here so the suite runs on any clone.
 MANIFEST = REPO / "tests" / "data" / "reference_state_dict_manifest.json"
 SHARED_MANIFEST = REPO.parent / "shared" / "reference" / "state_dict_manifest.json"
 

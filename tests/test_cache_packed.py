@@ -3,6 +3,8 @@
 import json
 import os
 import pickle
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -225,22 +227,150 @@ def test_packed_loader_lists_no_folder_and_pickles(toy_forms, monkeypatch):
     assert clone._fds == {} and np.array_equal(clone.record(5), dataset.record(5))
 
 
-def test_corrupt_or_short_segment_is_named(toy_forms, tmp_path):
-    import shutil
+@pytest.fixture
+def damaged(toy_forms, tmp_path):
+    """A copy of the toy packed cache to damage (24 records of 256 bytes in one segment), its
+    segment and its sample names."""
     packed = Path(shutil.copytree(toy_forms[1], tmp_path / "packed"))
-    segment = next(packed.glob("seg-r*.bin"))
+    return packed, next(packed.glob("seg-r*.bin")), PackedLatents(packed).names()
+
+
+def edit_index(packed: Path, edit) -> None:
+    """Rewrite the index with `edit` applied to its dict of arrays."""
+    with np.load(packed / "packed_index.npz") as f:
+        arrays = dict(f)
+    edit(arrays)
+    np.savez(packed / "packed_index.npz", **arrays)
+
+
+def set_header(field, value):
+    def edit(arrays):
+        header = json.loads(str(arrays["header"]))
+        arrays["header"] = np.array(json.dumps({**header, field: value}))
+    return edit
+
+
+def set_at(key, i, value):
+    return lambda arrays: arrays[key].__setitem__(i, value)
+
+
+REBUILD = "rerun main_cache.py with the same flags to rebuild the index"
+REWRITE = "rerun main_cache.py with the same flags and --overwrite"
+
+
+def sample(names, i) -> str:
+    """How a message names sample i, as a regex."""
+    return re.escape(f"sample {i} ({names[i]})")
+
+
+def starts_with(path) -> str:
+    return "^" + re.escape(str(path)) + ": "
+
+
+@pytest.mark.parametrize("edit, message", [
+    pytest.param(set_at("row", 5, 24), r"{sample5} is record 24 of seg-r00000-0000.bin, expected "
+                 r"a record below the 24 the header lists in it", id="row past the end"),
+    pytest.param(set_at("segment", 5, 1), r"{sample5} is in segment 1, expected 0 to 0 "
+                 r"\(the header lists 1\)", id="segment out of range"),
+    pytest.param(set_at("label", 5, 3), r"{sample5} has label 3, expected 0 to 2 "
+                 r"\(the header lists 3 classes\)", id="label out of range"),
+    pytest.param(set_at("label", 5, -1), r"{sample5} has label -1, expected 0 to 2",
+                 id="negative label"),
+    pytest.param(lambda a: a.update(row=a["row"][:-1]), r"array 'row' is int64 of shape \(23,\), "
+                 r"expected int64 of shape \(24,\)", id="array too short"),
+    pytest.param(lambda a: a.update(label=a["label"].astype(np.int64)),
+                 r"array 'label' is int64 .* expected int32", id="array of another dtype"),
+    pytest.param(lambda a: a.pop("crc32"), r"no array crc32 \(expected header, label, segment, "
+                 r"row, crc32, names\)", id="array missing"),
+    pytest.param(set_header("dtype", "<f8"), r"header field 'dtype' is '<f8', expected '<f4'",
+                 id="header dtype"),
+    pytest.param(set_header("version", 2), r"its header says \('ear-packed-latent-cache', 2\), "
+                 r"expected format ear-packed-latent-cache version 1", id="header version"),
+    pytest.param(set_header("segments", [{"file": "../x.bin", "records": 24}]),
+                 r"header field 'segments' is", id="segment file outside the cache"),
+])
+def test_bad_index_is_refused_at_open_naming_the_sample(damaged, edit, message):
+    packed, _, names = damaged
+    edit_index(packed, edit)
+    message = message.format(sample5=sample(names, 5))
+    with pytest.raises(ValueError, match=f"{starts_with(packed / 'packed_index.npz')}{message}.*; "
+                                         f"{REBUILD}$"):
+        PackedLatents(packed)
+
+
+def test_unreadable_index_is_named(damaged):
+    packed = damaged[0]
+    (packed / "packed_index.npz").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=f"packed_index.npz: unreadable .*; {REBUILD}$"):
+        PackedLatents(packed)
+
+
+def test_deleted_index_is_reported_as_such(damaged):
+    packed = damaged[0]
+    (packed / "packed_index.npz").unlink()
+    with pytest.raises(FileNotFoundError, match=f"{starts_with(f'--cached_path {packed}')}packed "
+                                                "segments but no index .*rerun it with the same"):
+        open_cache(packed, (8, 2, 2))
+
+
+def test_short_or_missing_segment_is_refused_at_open(damaged):
+    packed, segment, names = damaged
+    rows = PackedLatents(packed).row
+    first_lost = int(np.flatnonzero(rows >= 10)[0])  # sample order is not record order
+    segment.write_bytes(segment.read_bytes()[:10 * 256 + 100])
+    with pytest.raises(ValueError, match=(
+            f"{starts_with(segment)}2660 bytes, shorter than the 24 records of 256 bytes "
+            "packed_index.npz lists in it: the file was truncated at record 10; the first sample "
+            f"lost is {sample(names, first_lost)}; {REWRITE}")):
+        PackedLatents(packed)
+    segment.unlink()
+    with pytest.raises(FileNotFoundError, match=f"{starts_with(segment)}no such file, but packed_"
+                                                f"index.npz lists 24 records in it.*{REWRITE}"):
+        PackedLatents(packed)
+
+
+def test_flipped_byte_fails_the_crc_naming_segment_record_and_sample(damaged):
+    packed, segment, names = damaged
     data = bytearray(segment.read_bytes())
     data[5] ^= 0xFF  # record 0, first half
     segment.write_bytes(bytes(data))
+    dataset = PackedLatents(packed)  # a flip leaves the sizes alone: found when read
+    i = int(np.flatnonzero(dataset.row == 0)[0])
+    dataset.read(i, 1)  # the other half is intact
+    with pytest.raises(ValueError, match=(
+            f"{starts_with(segment)}record 0, the moments of {sample(names, i)}, fails its CRC-32 "
+            f"check: its bytes changed after they were written .*{REWRITE}")):
+        dataset.read(i, 0)
+
+
+def test_index_pointing_at_another_record_blames_the_index(damaged):
+    packed, segment, names = damaged
+    def swap_rows(arrays):
+        arrays["row"][[3, 4]] = arrays["row"][[4, 3]]
+    edit_index(packed, swap_rows)  # in range, so only the CRC can tell
     dataset = PackedLatents(packed)
-    row0 = int(np.flatnonzero(dataset.row == 0)[0])
-    with pytest.raises(ValueError, match=f"{segment.name}: record 0 .*CRC-32"):
-        dataset.read(row0, 0)
-    segment.write_bytes(bytes(data[:100]))
-    with pytest.raises(ValueError, match=f"{segment.name}: shorter than its 24 records"):
-        PackedLatents(packed).read(row0, 1)
+    with pytest.raises(ValueError, match=(
+            f"{starts_with(packed / 'packed_index.npz')}{sample(names, 3)} is record "
+            f"{dataset.row[3]} of {segment.name}, but {segment.stem}.tsv lists that record as "
+            f"{re.escape(names[4])} with another CRC-32: the index does not match the segment; "
+            f"{REBUILD}$")):
+        dataset.read(3, 0)
+
+
+def test_segment_cut_while_in_use_is_a_short_read(damaged):
+    packed, segment, names = damaged
+    dataset = PackedLatents(packed)
+    i = int(np.flatnonzero(dataset.row == 23)[0])
+    segment.write_bytes(segment.read_bytes()[:100])
+    with pytest.raises(ValueError, match=(
+            f"{starts_with(segment)}short read of record 23, {sample(names, i)}: the file is 100 "
+            f"bytes now, it was truncated while in use; {REWRITE}")):
+        dataset.read(i, 1)
+
+
+def test_cache_of_other_flags_is_refused(damaged):
     with pytest.raises(ValueError, match=r"records of shape \(8, 2, 2\), expected \(32, 2, 2\)"):
-        PackedLatents(packed, expected_shape=(32, 2, 2))
+        PackedLatents(damaged[0], expected_shape=(32, 2, 2))
 
 
 def test_uncommitted_tail_is_never_indexed(tmp_path):
@@ -261,7 +391,6 @@ def test_uncommitted_tail_is_never_indexed(tmp_path):
 
 
 def test_rerun_skips_and_overwrite_repacks(toy_forms, tmp_path, capsys):
-    import shutil
     files, packed = toy_forms
     packed = Path(shutil.copytree(packed, tmp_path / "packed"))
     capsys.readouterr()

@@ -108,3 +108,13 @@ def test_relative_links_point_at_existing_files_and_headings(page):
         if anchor:
             assert path.suffix == ".md", target
             assert anchor in anchors(path), f"{page.name}: no heading #{anchor} in {path.name}"
+
+
+def test_the_repository_cites_its_sources_not_files_beside_it():
+    """The project stands alone: its text cites papers and public repositories, never the
+    project's private notes beside the clone (a `SPEC` section, `../shared/`)."""
+    texts = PAGES + sorted(REPO.glob("*.py")) + sorted(REPO.glob("[mub]*/*.py"))
+    for path in texts:
+        text = path.read_text()
+        for word in ("SPEC", "../shared", "shared/reference"):
+            assert word not in text, f"{path.relative_to(REPO)} names {word!r}"

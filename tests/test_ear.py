@@ -1,4 +1,4 @@
-"""The EAR Transformer: masking, training loss, and the sampler (SPEC sections 3 and 5)."""
+"""The EAR Transformer: masking, training loss, and the sampler (as MAR and the EAR paper describe them)."""
 import math
 
 import pytest
@@ -30,7 +30,7 @@ def record_sampler_calls(model: EAR):
 
 
 def expected_masked_counts(seq_len: int, num_iter: int):
-    """SPEC section 5, written out independently: tokens still masked after each step."""
+    """MAR's cosine schedule, written out independently: tokens still masked after each step."""
     counts, masked = [], seq_len
     for t in range(num_iter):
         n = math.floor(seq_len * math.cos(math.pi / 2 * (t + 1) / num_iter))
@@ -60,7 +60,7 @@ def test_sampler_fills_every_position_exactly_once(img_size, num_iter):
     assert out.shape == (3, 4, img_size // 4, img_size // 4)
     assert sum(rows for rows, _ in calls) == 3 * L  # no position written twice...
     assert (tokens > 0).all()  # ...and none left as the zero it started with
-    # Each token was written at the step that unmasked it, in the numbers SPEC prescribes.
+    # Each token was written at the step that unmasked it, in the numbers the schedule prescribes.
     before = [L] + expected_masked_counts(L, num_iter)[:-1]
     after = expected_masked_counts(L, num_iter)[:-1] + [0]
     filled = [b - a for b, a in zip(before, after)]

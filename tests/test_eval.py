@@ -1,4 +1,4 @@
-"""Evaluation (SPEC section 7): FID/IS plumbing, distributed generation, and the sampling command."""
+"""Evaluation (ADM's reference statistics, torch-fidelity's Inception): FID/IS plumbing, distributed generation, and the sampling command."""
 import argparse
 import json
 from pathlib import Path
@@ -60,17 +60,21 @@ def test_missing_statistics_file_names_the_fetch_command(tmp_path):
 # --- which rank writes what ---------------------------------------------------------------------
 
 def test_ranks_split_indices_exactly_once_with_balanced_labels():
-    single_index, single_labels = rank_share(60, 6, 0, 1)
-    assert torch.equal(single_index, torch.arange(60))
+    assert rank_share(60, 0, 1) == range(60)
+    single_labels = balanced_labels(range(60), 60, 6)
     assert torch.bincount(single_labels).tolist() == [10] * 6
     for world in (2, 4, 7):
-        shares = [rank_share(60, 6, r, world) for r in range(world)]
-        index = torch.cat([i for i, _ in shares])
-        labels = torch.cat([l for _, l in shares])
+        shares = [rank_share(60, r, world) for r in range(world)]
+        index = torch.tensor([i for share in shares for i in share])
+        labels = torch.cat([balanced_labels(share, 60, 6) for share in shares])
         assert sorted(index.tolist()) == list(range(60))
         assert torch.equal(labels[index.argsort()], single_labels)
+        # a batch of a share (a slice of the range) gets the same labels
+        assert torch.equal(balanced_labels(shares[1][2:5], 60, 6), single_labels[list(shares[1][2:5])])
     with pytest.raises(ValueError, match="multiple of --class_num"):
-        balanced_labels(50, 6)
+        balanced_labels(range(50), 50, 6)
+    # a trillion images: only the asked-for indices become a tensor (no 8 TB allocation)
+    assert balanced_labels(rank_share(10**12, 3, 8)[:4], 10**12, 1000).tolist() == [0] * 4
 
 
 def test_grid_layout(tmp_path):
@@ -135,7 +139,9 @@ def eval_args(out, stats, vae, inception, *extra):
             "--fid_stats", stats, "--inception_weights", inception, "--evaluate", *extra]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
+# One process: slow (the two-process run measures the same way; the sample folder's removal
+# by default is also seen by test_metrics.py's evaluations).
+@pytest.mark.parametrize("nproc", [pytest.param(1, marks=pytest.mark.slow), 2])
 def test_evaluate_writes_each_image_once_and_measures(trained, random_vae_ckpt, inception_weights,
                                                      tmp_path, nproc):
     ckpt_dir, stats = trained
@@ -187,7 +193,7 @@ def test_missing_inputs_fail_before_sampling_with_fetch_commands(trained, random
     assert not marker.exists()
     with pytest.raises(SystemExit, match="python util/download.py --fid_stats"):
         evaluate(tmp_path, tmp_path / "none.npz", random_vae_ckpt, tmp_path / "w.pth")
-    with pytest.raises(SystemExit, match="--evaluate needs a checkpoint"):
+    with pytest.raises(SystemExit, match="error: --resume .*empty: no such folder"):
         evaluate(tmp_path / "empty", stats, random_vae_ckpt, "")
 
 
@@ -256,3 +262,4 @@ def test_online_evaluation_during_training(trained, random_vae_ckpt, inception_w
     # 4 images: the Inception Score uses 4 splits instead of 10 (10 would leave empty ones, NaN).
     assert all(r["is_splits"] == 4 and np.isfinite(r["is"]) for r in results)
     assert json.loads((tmp_path / "metrics.json").read_text())["results"][1]["cfg"] == 3.0
+    assert not list(tmp_path.glob("samples-*"))  # the PNG folders are removed by default

@@ -17,6 +17,7 @@ from util import pretrained
 from util.args import network_settings, train_parser
 from util.builders import build_model, settings_from_checkpoint
 from util.checkpoint import CHECKPOINT_NAME, save_training_checkpoint
+from util.settings import check_settings_fit
 from util.weights import load_state_dict_strict
 
 QUICKSTART = f"@{REPO / 'configs' / 'digits_quickstart.args'}"
@@ -191,7 +192,7 @@ def test_a_missing_folder_that_looks_like_a_hub_id(tmp_path, monkeypatch, capsys
     text = refused("runs/ear-tiny", tmp_path, capsys)
     assert "--resume runs/ear-tiny: no such folder here" in text
     assert "as a Hugging Face Hub repo id it failed: RepositoryNotFoundError" in text
-    assert "no such folder, and not a Hugging Face Hub repo id" in refused(
+    assert "no such folder, and not a Hub repo id either" in refused(
         "runs/ear/tiny", tmp_path, capsys)
 
 
@@ -256,10 +257,10 @@ def test_every_head_is_compared_with_the_weights_before_building(head):
     """The comparison builds the network on the meta device: every head must build there."""
     settings = settings_from_checkpoint({**vars(digits_settings()), "head": head})
     state = build_model(settings).state_dict()
-    pretrained.check_settings_fit(settings, state, "weights")
+    check_settings_fit(settings, state, "weights")
     settings.decoder_depth += 1
     with pytest.raises(ValueError, match="missing keys: decoder_blocks.2"):
-        pretrained.check_settings_fit(settings, state, "weights")
+        check_settings_fit(settings, state, "weights")
 
 
 def old_mixture_checkpoint(folder):
@@ -315,4 +316,4 @@ def test_a_mixture_head_samples_and_exports_and_its_guidance_is_checked(tmp_path
 
 def test_too_many_sampling_steps_for_the_checkpoint_is_one_line(export, tmp_path, capsys):
     """sample_ear's default --num_iter (64, ImageNet's) on a 16-token digits model."""
-    assert "--num_iter 64 must be in [1, 16]" in refused(export[0], tmp_path, capsys, "--num_iter", "64")
+    assert "--num_iter 64: the checkpoint's images have 16 tokens" in refused(export[0], tmp_path, capsys, "--num_iter", "64")

@@ -16,8 +16,9 @@ from test_eval import inception_weights  # noqa: F401 (fixture)
 from test_train import SMALL, train_args, write_cache
 from util.args import train_parser
 from util.builders import build_model, settings_from_checkpoint
-from util.checkpoint import CHECKPOINT_NAME, ConfigMismatch, load_training_checkpoint
-from util.finetune import adapt_state_dict, check_finetune_config, freeze, interpolate_pos_embed
+from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
+from util.finetune import adapt_state_dict, freeze, interpolate_pos_embed
+from util.settings import ConfigMismatch, check_finetune_config
 
 QUICKSTART = f"@{REPO / 'configs' / 'digits_quickstart.args'}"
 

@@ -1,4 +1,4 @@
-"""The diffusion and Gaussian-mixture heads (SPEC section 9), and every head through the same
+"""The diffusion (MAR) and Gaussian-mixture (GIVT) heads, and every head through the same
 training, checkpoint, evaluation and sampling paths as the energy head."""
 import json
 import math
@@ -274,7 +274,7 @@ def test_a_head_trains_resumes_and_refuses_another(tmp_path, head):
     prefix = HEADS[head].attribute + "."
     assert any(k.startswith(prefix) for k in ckpt["model"]) and not any(
         k.startswith("scoreloss.") for k in ckpt["model"])
-    with pytest.raises(ValueError, match=f"--head is 'energy' here but '{head}' in the checkpoint"):
+    with pytest.raises(SystemExit, match=f"--head is 'energy' here but '{head}' in the checkpoint"):
         main_ear.main(train_parser().parse_args([str(a) for a in [
             *SMALL, "--use_cached", "--cached_path", cache, "--output_dir", tmp_path,
             "--batch_size", 8, "--epochs", 3, "--resume", tmp_path]]))

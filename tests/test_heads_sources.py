@@ -1,5 +1,7 @@
-"""The diffusion and mixture heads against the facts of MAR's and GIVT's releases (SPEC section
-9), each checked by an independent computation written here from the SPEC's formulas."""
+"""The diffusion and mixture heads against the facts of MAR's release (LTH14/mar: models/diffloss.py
+and its diffusion/ package, from improved-DDPM) and GIVT's (google-research/big_vision:
+big_vision/models/proj/givt/givt.py), each checked by an independent computation written here
+from the papers' formulas."""
 import math
 
 import numpy as np

@@ -54,6 +54,7 @@ def tensorboard_scalars(folder: Path) -> dict:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+@pytest.mark.slow  # 17 s: W&B is an optional logger (TensorBoard's scalars are tested by default)
 def test_wandb_offline_gets_the_tensorboard_scalars_the_config_and_the_results(tmp_path):
     run_script("main_ear.py", ["@configs/digits_quickstart.args", "--model", "ear_tiny",
                                "--decoder_depth", 1, "--epochs", 1, "--batch_size", 128,

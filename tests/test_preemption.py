@@ -1,5 +1,6 @@
 """Checkpoints inside an epoch, on a signal or by the clock, and resuming there bit for bit
-(SPEC section 6; docs/training.md "Preemption"). Tiny cached-latent runs on the CPU in fp32."""
+(docs/training.md "Preemption"). Tiny cached-latent runs on the CPU in fp32."""
+import json
 import multiprocessing
 import os
 import signal
@@ -14,7 +15,8 @@ from conftest import run_script
 from signal_at import signalling_fetch
 from test_train import assert_same_training, run_in_process, train_args, write_cache
 from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
-from util.resumable import EXIT_REQUEUE, SeededSamples, parse_signals
+from util.resumable import SeededSamples
+from util.signals import EXIT_REQUEUE, parse_signals
 
 # 48 cached latents in micro-batches of 4: 12 micro-batches an epoch in one process, 6 in each of
 # two. No dropout, so that fp32 runs can be compared bit for bit.
@@ -129,6 +131,43 @@ def test_torchrun_stopped_by_sigterm_resumes_exactly(cache, tmp_path):
     proc = run_script("main_ear.py", train_args(cache, split, *flags, "--resume", split), nproc=2)
     assert "(epoch 1, micro-batch 2)" in proc.stdout
     assert_same_training(straight, split, epoch=1)
+
+
+def test_a_signal_during_online_evaluation_stops_within_a_batch_and_the_resume_evaluates(
+        tmp_path, monkeypatch, capsys):
+    """The quick start (one epoch, 100 images in 5 sampling batches) gets SIGTERM while it
+    samples its second batch: the trained epoch was saved before the evaluation, every rank
+    stops after that batch (exit 75), and the resumed run evaluates that epoch again, logs it,
+    and ends with a checkpoint that has nothing left to do."""
+    from conftest import REPO
+    out = tmp_path / "run"
+    args = [f"@{REPO / 'configs' / 'digits_quickstart.args'}", "--epochs", 1, "--batch_size", 256,
+            "--num_images", 100, "--eval_bsz", 20, "--cfg", 1.0, "--num_iter", 4, "--output_dir", out,
+            "--log_dir", out, "--resume", out]
+    calls = []
+    generate = engine_ear.generate
+
+    def generate_and_signal(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return generate(*a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(engine_ear, "generate", generate_and_signal)
+        with pytest.raises(SystemExit) as stop:
+            run_in_process(args)
+    assert stop.value.code == EXIT_REQUEUE and len(calls) == 2
+    ckpt = load_training_checkpoint(out / CHECKPOINT_NAME)
+    assert ckpt["epoch"] == 0 and set(ckpt["evaluation_due"]) == {"loss", "lr"}
+    assert not (out / "log.txt").exists() and not (out / "eval_results.jsonl").exists()
+    capsys.readouterr()
+    printed = run_in_process(args, capsys)
+    assert "(epoch 0, its evaluation to do)" in printed
+    assert [json.loads(line)["epoch"] for line in (out / "log.txt").read_text().splitlines()] == [0]
+    lines = (out / "eval_results.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0]
+    assert json.loads((out / "log.txt").read_text())["loss"] == ckpt["evaluation_due"]["loss"]
+    assert "evaluation_due" not in load_training_checkpoint(out / CHECKPOINT_NAME)
 
 
 def test_save_signals_flag():

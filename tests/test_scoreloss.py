@@ -1,4 +1,4 @@
-"""The generator and the energy-score loss (SPEC section 4)."""
+"""The generator and the energy-score loss (the EAR paper, Shao et al. 2025, section 3)."""
 import copy
 import math
 
@@ -31,7 +31,7 @@ def energy_distance(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def numpy_loss(x1, x2, y, alpha, tau):
-    """SPEC section 4, in float64 numpy: loss = -(tau|x1-x2|^a - |x1-y|^a - |x2-y|^a), averaged."""
+    """The paper's energy score, in float64 numpy: loss = -(tau|x1-x2|^a - |x1-y|^a - |x2-y|^a), averaged."""
     x1, x2, y = (np.asarray(t, dtype=np.float64) for t in (x1, x2, y))
     d = lambda a, b: np.sqrt(((a - b) ** 2).sum(-1)) ** alpha
     return float(np.mean(d(x1, y) + d(x2, y) - tau * d(x1, x2)))

@@ -6,7 +6,7 @@ import pytest
 
 from util.args import cache_parser, train_parser
 
-# Copied verbatim from shared/reference/upstream-README.md (launcher prefix removed).
+# Copied verbatim from the reference release's README (launcher prefix removed).
 UPSTREAM = {
     "cache": """main_cache.py \\
 --img_size 256 --vae_path pretrained_models/vae/kl16.ckpt --vae_embed_dim 16 \\

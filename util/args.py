@@ -7,12 +7,17 @@ their `FLAGS` tables.
 """
 import argparse
 import inspect
+import math
 
 from models.ear import EAR, MODEL_SIZES
 from models.heads import HEADS
 from models.tokenizer import TOKENIZERS
+from models.vae import DEFAULT_VAE_PATH
+from util.signals import DEFAULT_SAVE_SIGNALS
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# What --freeze can hold fixed (util/finetune.py `freeze`).
+FREEZE_CHOICES = ("none", "transformer")
 
 
 class ArgsFileParser(argparse.ArgumentParser):
@@ -70,33 +75,9 @@ def architecture_flags(head: str) -> tuple:
     return ("model", "tokenizer", "head", *shaping)
 
 
-def check_network_settings(settings, head: str, source) -> None:
-    """Each network setting in `settings` (a mapping read from a file: config.json, a
-    checkpoint's args) has its constructor's type: an int a whole number >= 0 (not a bool), a
-    float a finite number, a bool a bool, a str one of the class's CHOICES for it. Raises
-    ValueError naming the file and the key."""
-    import math
-    for cls in (EAR, HEADS[head]):
-        params = inspect.signature(cls.__init__).parameters
-        for name in cls.FLAGS:
-            if name not in settings:
-                continue
-            value, kind = settings[name], params[name].annotation
-            if kind is str:
-                choices = cls.CHOICES[name]
-                if value not in choices:
-                    raise ValueError(f"{source}: {name} is {value!r}, expected one of {list(choices)}")
-                continue
-            if kind is bool:
-                ok = isinstance(value, bool)
-            elif kind is int:
-                ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-            else:
-                ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-                      and math.isfinite(value))
-            if not ok:
-                what = {bool: "true or false", int: "a whole number >= 0"}.get(kind, "a finite number")
-                raise ValueError(f"{source}: {name} is {value!r}, expected {what}")
+def add_vae_path_arg(g) -> None:
+    g.add_argument("--vae_path", default=DEFAULT_VAE_PATH,
+                   help="KL-16 VAE weights, .ckpt or .safetensors (python util/download.py)")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -122,8 +103,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
                    help="vae: KL-16 latents; pixel: the image's own pixels are the tokens "
                         "(needs --vae_stride 1 and --vae_embed_dim = image channels)")
     add_settings(g, EAR, TOKEN_SETTINGS)
-    g.add_argument("--vae_path", default="pretrained_models/vae/kl16.ckpt",
-                   help="KL-16 VAE weights, .ckpt or .safetensors (python util/download.py)")
+    add_vae_path_arg(g)
     g.add_argument("--vae_precision", default="fp32", choices=PRECISIONS,
                    help="precision of VAE encoding (caching and on-the-fly): fp32 as the "
                         "reference; bf16/fp16 are faster and change the latents slightly")
@@ -193,6 +173,22 @@ def check_positive(args: argparse.Namespace, *names: str) -> None:
             raise SystemExit(f"error: --{name} must be positive, got {getattr(args, name)}")
 
 
+def check_sampling_args(args: argparse.Namespace) -> None:
+    """The flags of `add_sampling_args`, for main_ear.py and sample_ear.py alike: a positive
+    step count and batch, guidance scales that are finite and >= 0 (1: none), temperatures
+    finite and > 0 (each value of a list)."""
+    check_positive(args, "num_iter", "eval_bsz")
+    for flag, values, positive in (("--cfg", args.cfg, False),
+                                   ("--infer_temperature (--temperature)", args.infer_temperature, True)):
+        values = values if isinstance(values, list) else [values]
+        what = "> 0" if positive else ">= 0 (1.0: no guidance)"
+        if not values:
+            raise SystemExit(f"error: {flag}: no value given (expected numbers {what})")
+        for value in values:
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                raise SystemExit(f"error: {flag} {value}: expected a finite number {what}")
+
+
 # ----- the parsers ------------------------------------------------------------------------------
 
 def cache_parser() -> argparse.ArgumentParser:
@@ -243,6 +239,9 @@ def stats_parser() -> argparse.ArgumentParser:
     g.add_argument("--fd_dinov2", action="store_true",
                    help="also mu/sigma of DINOv2 features (dgm-eval's), as <out stem>_dinov2.npz "
                         "for --fd_dinov2_stats (torch.hub: needs network once)")
+    g.add_argument("--skip_bad", action="store_true",
+                   help="list unreadable images in <out stem>_skipped.txt beside --out and leave "
+                        "them out (default: stop at the first one)")
     add_system_args(p)
     return p
 
@@ -265,6 +264,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ema_rate", type=float, default=0.9999)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     add_precision_arg(g)
+    g.add_argument("--tf32", action="store_true", default=True,
+                   help="CUDA: float32 matmuls and cuDNN convolutions in TF32 (default on; what "
+                        "--precision fp32 computes in); metrics always run in full float32. "
+                        "No effect on the CPU")
+    g.add_argument("--no_tf32", action="store_false", dest="tf32",
+                   help="CUDA: full float32 matmuls and convolutions")
     g = p.add_argument_group("data source")
     g.add_argument("--dataset", default="imagenet", choices=["imagenet", "digits"],
                    help="imagenet: an image folder (--data_path) or its cache (--cached_path); "
@@ -285,11 +290,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "--class_num and --img_size may differ. A checkpoint in --resume wins")
     g.add_argument("--finetune_raw", action="store_true",
                    help="with --finetune: the raw weights instead of the EMA")
-    g.add_argument("--freeze", default="none", choices=["none", "transformer"],
+    g.add_argument("--freeze", default="none", choices=FREEZE_CHOICES,
                    help="transformer: train only the head and the class embedding")
     g.add_argument("--save_last_freq", type=int, default=5,
                    help="write checkpoint-last.pth every this many epochs (and at the end)")
-    g.add_argument("--save_signals", default="TERM,INT,USR1",
+    g.add_argument("--save_signals", default=DEFAULT_SAVE_SIGNALS,
                    help="on these signals finish the step, write checkpoint-last.pth with the "
                         "position in the epoch and exit with status 75 ('' for none)")
     g.add_argument("--save_interval_minutes", type=float, default=0,

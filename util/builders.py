@@ -20,12 +20,14 @@ from torch.utils.data import DataLoader
 
 from models.ear import EAR, named_sizes
 from models.tokenizer import build_tokenizer
-from util.args import check_positive, network_settings, train_parser
+from util.args import check_positive, check_sampling_args, network_settings, train_parser
 from util.distributed import DistInfo
+from util.errors import one_line_errors
 from util.loggers import check_wandb
 from util.optim import EMA, param_groups
-from util.precision import resolve_precision
-from util.resumable import EpochSampler, SeededSamples, ignore_signals, parse_signals
+from util.precision import resolve_precision, set_up_cuda
+from util.resumable import EpochSampler, SeededSamples, ignore_signals
+from util.signals import parse_signals
 
 # ----- settings ---------------------------------------------------------------------------------
 
@@ -49,7 +51,8 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     """Fill in derived values (so the saved `args` are concrete) and reject bad settings, each
     with the flag named, before anything is built."""
     check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
-                   "save_last_freq", "print_freq", "eval_bsz", "eval_freq", "num_iter")
+                   "save_last_freq", "print_freq", "eval_freq")
+    check_sampling_args(args)
     parse_signals(args.save_signals)
     check_wandb(args)
     if not (math.isfinite(args.save_interval_minutes) and args.save_interval_minutes >= 0):
@@ -57,14 +60,11 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
                          f"got {args.save_interval_minutes}")
     if not 0.0 <= args.ema_rate < 1.0:
         raise SystemExit(f"error: --ema_rate must be in [0, 1), got {args.ema_rate}")
-    for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs", "cfg"):
+    for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs"):
         values = getattr(args, name)
         for value in values if isinstance(values, list) else [values]:
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise SystemExit(f"error: --{name} must be a finite number >= 0, got {value}")
-    if not args.cfg or not args.infer_temperature or min(args.infer_temperature) <= 0:
-        raise SystemExit(f"error: --cfg and --infer_temperature need values, the temperatures "
-                         f"positive; got {args.cfg} and {args.infer_temperature}")
     if args.fd_dinov2 and not (args.fd_dinov2_stats or args.precision_recall):
         raise SystemExit("error: --fd_dinov2 needs a reference: --fd_dinov2_stats (mu/sigma of "
                          "DINOv2 features) or --precision_recall (the images of --ref_batch)")
@@ -102,10 +102,8 @@ def build_model(settings) -> EAR:
 def make_tokenizer(settings, device, load: bool = True):
     """The tokenizer the flags name (models/tokenizer.py), bad combinations as a clear exit."""
     settings = vars(settings) if isinstance(settings, argparse.Namespace) else settings
-    try:
+    with one_line_errors():  # e.g. a missing --vae_path (FileNotFoundError)
         return build_tokenizer(settings, device, load)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from e
 
 
 # ----- data -------------------------------------------------------------------------------------
@@ -113,9 +111,7 @@ def make_tokenizer(settings, device, load: bool = True):
 def build_dataset(args, tokenizer):
     """The digits, cached moments (--use_cached) or images, checked against the tokenizer and
     --class_num. The datasets' `channels` are those of their images."""
-    from torchvision.datasets import ImageFolder
-
-    from util.loader import ClassSubset, image_transform, load_rgb, train_folder
+    from util.loader import ClassSubset, ImageFolder, image_transform, train_folder
     if args.dataset == "digits":
         from util.digits import DigitsDataset
         dataset, source = DigitsDataset(), "--dataset digits"
@@ -134,7 +130,7 @@ def build_dataset(args, tokenizer):
         if not folder.is_dir():
             raise FileNotFoundError(f"--data_path {args.data_path}: expected training images in "
                                     f"{folder}/<class>/<image>")
-        dataset = ImageFolder(folder, image_transform(args.img_size, random_flip=True), loader=load_rgb)
+        dataset = ImageFolder(folder, image_transform(args.img_size, random_flip=True))
         dataset.channels = 3  # load_rgb gives RGB
         source = f"--data_path {args.data_path}"
     if args.classes:
@@ -185,10 +181,17 @@ def open_cache(root, expected_shape):
     """The cache at `root` in either form: packed when its index is there (read without listing
     the folder), else the per-file `<class>/<file>.npz` folder. Both give the same samples in the
     same order."""
+    from pathlib import Path
+
     from util.loader import CachedFolder
-    from util.packed_cache import PackedLatents, is_packed
+    from util.packed_cache import INDEX_NAME, SEGMENT_GLOB, PackedLatents, is_packed
     if is_packed(root):
         return PackedLatents(root, expected_shape)
+    # Without its index a packed cache would be taken for a per-file one with no class folders.
+    if next(Path(root).glob(SEGMENT_GLOB), None) is not None:
+        raise FileNotFoundError(f"--cached_path {root}: packed segments but no index "
+                                f"({INDEX_NAME}): the index is written when main_cache.py "
+                                "finishes; rerun it with the same flags to rebuild it")
     return CachedFolder(root, expected_shape)
 
 
@@ -243,9 +246,11 @@ class TrainState:
 
 
 def build_train_state(model: EAR, args, info: DistInfo) -> TrainState:
+    """The state training steps through, for a model already on `info.device`; on CUDA, also
+    the run's cuDNN and TF32 settings (util/precision.py set_up_cuda)."""
     precision = resolve_precision(args.precision, info.device)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay, args.score_lrscale),
-                                  lr=args.lr, betas=(0.9, 0.95))
+    set_up_cuda(info.device, args.tf32)
+    optimizer = build_optimizer(model, args, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
     if args.compile:
         # Compile the parts with stable shapes: the Transformer always sees (B, buffer + L, width);
@@ -272,3 +277,10 @@ def build_metrics(args, info: DistInfo):
                             args.ref_batch if args.precision_recall else None, args.fd_dinov2,
                             args.fd_dinov2_stats, resolution=args.img_size)
 
+
+def build_optimizer(model: nn.Module, args, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the reference's parameter groups (util/optim.py), fused into one kernel on
+    CUDA. Its state dict is the unfused one's (moments and `step` per parameter), so a run
+    resumes from the other's checkpoints (util/optim.py load_optimizer_state)."""
+    return torch.optim.AdamW(param_groups(model, args.weight_decay, args.score_lrscale),
+                             lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")

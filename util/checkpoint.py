@@ -3,8 +3,10 @@
 A dict with `model` and `model_ema` (full state dicts, the EMA values in the second),
 `optimizer`, `epoch`, `args` and, when fp16's loss scaler is in use, `scaler`. A checkpoint
 written inside an epoch (on a signal or by the clock) adds `step` (the epoch's next
-micro-batch), `epoch_loss_sum` and `rng` (each rank's generator states, in rank order). Files written
-here hold `args` as a plain dict, so `torch.load(path)` at torch's default (weights_only=True)
+micro-batch), `epoch_loss_sum` and `rng` (each rank's generator states, in rank order); one
+written at an epoch's end before its online evaluation adds `evaluation_due` (the epoch's log
+line, {"loss", "lr"}: a resumed run evaluates that epoch first). The reference's resume ignores
+these keys and goes on at the next epoch. Files written here hold `args` as a plain dict, so `torch.load(path)` at torch's default (weights_only=True)
 reads them; the reference's files hold an `argparse.Namespace`, which is allow-listed for them.
 """
 import argparse
@@ -14,6 +16,8 @@ import torch
 import torch.nn as nn
 
 from util.fileio import atomic_write, remove_stale_temporaries
+from util.settings import check_head_format, check_same_config
+from util.weights import load_failure
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
 PLAIN = (str, int, float, bool, type(None), list, tuple, dict)
@@ -25,13 +29,13 @@ def plain_args(args: argparse.Namespace) -> dict:
 
 
 def save_training_checkpoint(output_dir, model: nn.Module, ema, optimizer, scaler, epoch: int,
-                             args: argparse.Namespace, inside_epoch: dict = None) -> Path:
+                             args: argparse.Namespace, extra: dict = None) -> Path:
     """Write `checkpoint-last.pth` atomically. The scaler is saved only when it is enabled: the
-    reference's resume rejects the empty state of a disabled one. `inside_epoch`: the extra
-    keys of a checkpoint taken part-way through `epoch` (`step`, `epoch_loss_sum`, `rng`),
-    which the reference's resume ignores."""
+    reference's resume rejects the empty state of a disabled one. `extra`: the keys of a
+    checkpoint taken part-way through `epoch` (`step`, `epoch_loss_sum`, `rng`) or before its
+    evaluation (`evaluation_due`), which the reference's resume ignores."""
     ckpt = {"model": model.state_dict(), "model_ema": ema.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, **(inside_epoch or {})}
+            "optimizer": optimizer.state_dict(), "epoch": epoch, **(extra or {})}
     if scaler.is_enabled():
         ckpt["scaler"] = scaler.state_dict()
     ckpt["args"] = plain_args(args)
@@ -39,24 +43,6 @@ def save_training_checkpoint(output_dir, model: nn.Module, ema, optimizer, scale
     remove_stale_temporaries(output_dir, CHECKPOINT_NAME)  # rank 0 is the only writer
     atomic_write(path, lambda f: torch.save(ckpt, f))
     return path
-
-
-# A mixture head saved before it followed GIVT (softplus scales + 1e-4, a per-channel loss;
-# changed on 2026-12-02) has weights that today's squareplus scales would misread: a raw output
-# of 0 was a scale of 0.69, now 1.0. Its settings lack the flag added with that change.
-GMM_GIVT_MARKER = "gmm_dequantize"
-
-
-def check_head_format(saved: dict, source) -> None:
-    """Refuse saved settings whose head weights this code would read differently from how they
-    were trained (today: a mixture head from before GIVT's parameterisation). Called where a
-    file's settings are read: a training checkpoint's (load_training_checkpoint) and an export's
-    config.json (pretrained.check_config)."""
-    if isinstance(saved, dict) and saved.get("head") == "gmm" and GMM_GIVT_MARKER not in saved:
-        raise ValueError(f"{source}: a mixture (--head gmm) head saved before it followed GIVT "
-                         f"(softplus scales, per-channel loss; its settings have no "
-                         f"{GMM_GIVT_MARKER}); today's squareplus scales would misread its "
-                         f"weights: train it again")
 
 
 def load_training_checkpoint(path, mmap: bool = False) -> dict:
@@ -79,7 +65,7 @@ def load_training_checkpoint(path, mmap: bool = False) -> dict:
                 raise
             ckpt = load(False)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable training checkpoint ({e})") from e
+        raise ValueError(f"{path}: not a readable training checkpoint ({load_failure(e)})") from e
     if not isinstance(ckpt, dict) or "model" not in ckpt or "epoch" not in ckpt:
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"{path}: a training checkpoint needs entries 'model' and 'epoch'; "
@@ -90,27 +76,18 @@ def load_training_checkpoint(path, mmap: bool = False) -> dict:
     return ckpt
 
 
-class ConfigMismatch(ValueError):
-    """The flags describe another network than the checkpoint's."""
-
-
-def check_same_config(saved: dict, current: argparse.Namespace, names, source) -> None:
-    """The arguments that define the network must agree with the checkpoint's (those it has)."""
-    if saved is None:
-        return
-    diffs = [f"--{n} is {getattr(current, n)!r} here but {saved[n]!r} in the checkpoint"
-             for n in names if n in saved and saved[n] != getattr(current, n)]
-    if diffs:
-        raise ConfigMismatch(f"cannot use {source}: " + "; ".join(diffs))
-
-
 def open_checkpoint(folder, args: argparse.Namespace, model_args) -> tuple:
     """(path, checkpoint) for `<folder>/checkpoint-last.pth`, with the arguments that define the
-    network checked against `args`; (path or None, None) when there is no such file."""
+    network checked against `args`; (path or None, None) when there is no such file. The file
+    is mapped, not read: every rank resumes from it, and each would otherwise hold all of it
+    in host memory at once (some 120 GB per node of eight for EAR-H)."""
+    if folder and Path(folder).exists() and not Path(folder).is_dir():
+        raise FileNotFoundError(f"--resume {folder}: a file, not a folder (expected the folder "
+                                f"that holds {CHECKPOINT_NAME}, e.g. the run's --output_dir)")
     path = Path(folder) / CHECKPOINT_NAME if folder else None
     if path is None or not path.is_file():
         return path, None
-    ckpt = load_training_checkpoint(path)
+    ckpt = load_training_checkpoint(path, mmap=True)
     check_same_config(ckpt.get("args"), args, model_args, path)
     return path, ckpt
 

@@ -61,11 +61,17 @@ def init_distributed(device: str = "cuda", dist_url: str = "env://", dist_on_itp
         device = "cpu"
     launched = _launcher_env(dist_on_itp)
     if launched is None:
-        return DistInfo(device=torch.device(device))
+        dev = torch.device(device)
+        if dev.type == "cuda":  # also the current device: torch-fidelity moves batches with .cuda()
+            dev = torch.device("cuda", dev.index or 0)
+            torch.cuda.set_device(dev)
+        return DistInfo(device=dev)
     rank, world_size, local_rank = launched
     if device.startswith("cuda"):
-        torch.cuda.set_device(local_rank)
-        dev, backend = torch.device("cuda", local_rank), "nccl"
+        # The local rank modulo the GPUs this process sees: srun --gpus-per-task=1 (or
+        # --gpu-bind=single:1) shows each task only its own GPU, as device 0.
+        dev, backend = torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+        torch.cuda.set_device(dev)
     else:
         dev, backend = torch.device("cpu"), "gloo"
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -144,8 +150,13 @@ def check_replicas_in_sync(model: torch.nn.Module, ema_params=()) -> str:
     """Compare checksums of the weights and of the EMA across ranks; raise ReplicasDiffer if any
     rank has drifted (the replicas are meant to be bit-identical)."""
     def checksum(tensors):
-        tensors = [t.detach().double() for t in tensors]
-        return [float(sum(t.sum() for t in tensors)), float(sum(t.abs().sum() for t in tensors))]
+        # One float64 copy at a time (not of all the weights at once), summed in the same
+        # order: the same numbers on every rank. The totals stay on the device until the end.
+        total = total_abs = 0
+        for t in tensors:
+            t = t.detach().double()
+            total, total_abs = total + t.sum(), total_abs + t.abs().sum()
+        return [float(total), float(total_abs)]
     local = checksum(model.parameters()) + checksum(ema_params)
     sums = all_gather_objects(local)
     if any(s != sums[0] for s in sums):

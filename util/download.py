@@ -26,13 +26,13 @@ if __package__ in (None, ""):  # run as `python util/download.py`: make the repo
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from models.vae import AutoencoderKL  # noqa: E402
+from models.vae import DEFAULT_VAE_PATH, AutoencoderKL  # noqa: E402
 from util.fid import DEFAULT_INCEPTION, INCEPTION_FILE, load_fid_stats  # noqa: E402
 from util.fileio import atomic_write, sha256  # noqa: E402
 from util.weights import load_state_dict_strict, read_weights  # noqa: E402
 
 VAE_REPO = "jadechoghari/mar"
-VAE_FILE = "kl16.ckpt"
+VAE_FILE = Path(DEFAULT_VAE_PATH).name  # the file name in the Hub repo and on disk
 # The repo's revision holding the original kl16.ckpt, and that file's size and SHA-256.
 VAE_REVISION = "773c9bdcd98740c7b876ce0d66f684a0e2468990"
 VAE_SIZE = 265_900_046
@@ -56,7 +56,7 @@ def check_file(path: Path, source: str, size: int = None, digest: str = None) ->
     return actual
 
 
-def fetch_vae(dest_dir="pretrained_models/vae", repo_id=VAE_REPO, revision=VAE_REVISION,
+def fetch_vae(dest_dir=Path(DEFAULT_VAE_PATH).parent, repo_id=VAE_REPO, revision=VAE_REVISION,
               size=VAE_SIZE, digest=VAE_SHA256) -> Path:
     """Download the pinned kl16.ckpt, verify size and hash before reading it, load it strictly,
     and write `kl16.ckpt` and `kl16.safetensors` into dest_dir."""
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
     p.add_argument("--inception", action="store_true", help="fetch only the Inception weights")
     p.add_argument("--ref_batch", action="store_true",
                    help="fetch ADM's reference batch (1.6 GB; for precision/recall; not by default)")
-    p.add_argument("--vae_dir", default="pretrained_models/vae")
+    p.add_argument("--vae_dir", default=str(Path(DEFAULT_VAE_PATH).parent))
     p.add_argument("--fid_dest", default="fid_stats/adm_in256_stats.npz")
     p.add_argument("--fid_url", default=FID_URL)
     p.add_argument("--fid_resolution", type=int, default=256,

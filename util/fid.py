@@ -223,12 +223,37 @@ class ImageArray(torch.utils.data.Dataset):
         return torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))
 
 
-def extract_features(extractor, dataset, device, batch_size: int = 64) -> dict:
-    """One pass of `extractor` over a torch-fidelity dataset: {feature name: (N, F) tensor}."""
+def extract_features(extractor, dataset, device, batch_size: int = 64,
+                     read_workers: bool = False) -> dict:
+    """One pass of `extractor` over a torch-fidelity dataset: {feature name: (N, F) tensor}.
+
+    With `read_workers`, torch-fidelity's loader reads the dataset in min(4, 2 * CPUs) worker
+    processes (its `save_cpu_ram=False`): for image files (50,000 sample PNGs are decoded while
+    Inception runs). Without, in this process: for an array in memory (a reference batch),
+    which a spawned worker would get a copy of."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
-    return get_featuresdict_from_dataset(dataset, extractor, batch_size,
-                                         cuda=torch.device(device).type == "cuda",
-                                         save_cpu_ram=True, verbose=False)
+    with workers_outlive_sigterm() if read_workers else contextlib.nullcontext():
+        return get_featuresdict_from_dataset(dataset, extractor, batch_size,
+                                             cuda=torch.device(device).type == "cuda",
+                                             save_cpu_ram=not read_workers, verbose=False)
+
+
+@contextlib.contextmanager
+def workers_outlive_sigterm():
+    """Block the save signals (SIGTERM, SIGINT, SIGUSR1) in this thread while the block runs, so
+    that loader workers started in it inherit them blocked. A preemption's signal often reaches
+    the whole process group (SLURM, torchrun), and would end the workers (torch's handler, or
+    SIGUSR1's default action) and the measurement with them; this process gets the signal when
+    the block ends, and acts on it then (a save signal: the run saves and exits for requeueing,
+    as anywhere else)."""
+    import signal
+
+    from util.signals import DEFAULT_SAVE_SIGNALS, parse_signals
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, parse_signals(DEFAULT_SAVE_SIGNALS))
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 @torch.no_grad()
@@ -393,7 +418,10 @@ class InceptionMetrics:
         from torch_fidelity.metric_isc import (KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD,
                                                isc_featuresdict_to_metric)
         from torch_fidelity.metric_prc import prc_features_to_metric
-        feats = extract_features(self.extractor, images, self.device)
+        # Workers on a GPU run, where every other rank waits for this pass; on the CPU they would
+        # only compete with the Inception network for the same cores.
+        feats = extract_features(self.extractor, images, self.device,
+                                 read_workers=torch.device(self.device).type == "cuda")
         result = {"fid": fid_from_statistics(*gaussian(feats["2048"].numpy()), *self.reference)}
         # The standard 10 splits; fewer images than that would leave splits empty (IS = NaN).
         splits = min(IS_SPLITS, len(images))

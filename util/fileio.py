@@ -86,3 +86,24 @@ def sha256(path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_writable(path, flag: str, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written, creating nothing: a folder
+    where a file is to go (or a file where a folder, with `folder`), or a nearest existing
+    folder that is a file or that this user cannot write to. Returns `path` as a Path."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: a file is there (expected a folder to write into)")
+    if not folder and path.is_dir():
+        raise ValueError(f"{flag} {path}: a folder is there (expected the name of a file to write)")
+    existing = path if folder and path.is_dir() else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file (expected a folder there)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: cannot write in {existing} (expected a folder this "
+                         "user can write to)")
+    return path
+

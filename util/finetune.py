@@ -21,17 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.args import architecture_flags
-from util.checkpoint import check_same_config
+from util.args import FREEZE_CHOICES
+from util.settings import check_finetune_config
 from util.weights import check_weights
 
 POS_EMBED = "decoder_pos_embed_learned"
 CLASS_EMBED = "class_emb.weight"
-# Settings a fine-tuning run may change; the state dict is adapted for them.
-ADAPTABLE = ("class_num", "img_size")
-FREEZE_CHOICES = ("none", "transformer")
-
-
 def interpolate_pos_embed(pos: torch.Tensor, buffer_size: int, side: int) -> torch.Tensor:
     """Position embedding (1, buffer + s*s, D) -> (1, buffer + side*side, D): the token grid's
     rows resized as a (D, s, s) image with bicubic interpolation, the buffer rows kept. At the
@@ -47,16 +42,6 @@ def interpolate_pos_embed(pos: torch.Tensor, buffer_size: int, side: int) -> tor
     resized = F.interpolate(image, size=(side, side), mode="bicubic", align_corners=False)
     resized = resized.permute(0, 2, 3, 1).reshape(1, side * side, dim).to(pos.dtype)
     return torch.cat([pos[:, :buffer_size], resized], dim=1)
-
-
-def check_finetune_config(saved, args, source) -> None:
-    """Everything that shapes the weights must agree, except the settings fine-tuning adapts."""
-    from util.builders import settings_from_checkpoint
-    if saved is None:  # no saved settings: adapt_state_dict compares the tensors themselves
-        return
-    names = [n for n in architecture_flags(args.head) if n not in ADAPTABLE]
-    # Filled with today's defaults: a reference checkpoint has no `head` (it is the energy head).
-    check_same_config(vars(settings_from_checkpoint(saved)), args, names, source)
 
 
 def adapt_state_dict(model: nn.Module, state: dict, saved, args, source) -> tuple:
@@ -85,6 +70,8 @@ def freeze(model: nn.Module, what: str) -> list:
     """Stop gradients to a part of the model; returns the frozen parameters' names.
     `transformer`: everything but the head and the class embedding (what a new dataset most
     needs), so only those train."""
+    if what not in FREEZE_CHOICES:
+        raise ValueError(f"--freeze {what!r}: expected one of {', '.join(FREEZE_CHOICES)}")
     if what == "none":
         return []
     keep = (f"{model.head_name}.", "class_emb.")
@@ -99,7 +86,7 @@ def load_finetune_weights(model: nn.Module, args) -> tuple:
     """Put the weights of --finetune into `model` (freshly initialised), adapted as described;
     returns (source, epoch of the source, notes)."""
     from util.pretrained import read
-    saved, state, epoch, source = read(args.finetune, args.revision, use_ema=not args.finetune_raw)
+    saved, state, epoch, source = read(args.finetune, args.revision, not args.finetune_raw, "--finetune")
     check_finetune_config(saved, args, source)
     state, notes = adapt_state_dict(model, state, saved, args, source)
     model.load_state_dict(state, strict=True)

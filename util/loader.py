@@ -1,16 +1,19 @@
 """Datasets: ImageNet-style image folders and the cached-latent folder `main_cache.py` writes.
 
-Both index classes by the sorted class-folder names, as torchvision's ImageFolder does, so a
-label means the same class whether training reads images or cached latents.
+Both are listed by `list_folder`, which indexes classes by the sorted class-folder names and
+orders files as torchvision's ImageFolder does, so a label means the same class whether training
+reads images or cached latents, and caches made with torchvision's listing keep their order.
 """
+import heapq
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torchvision import transforms
-from torchvision.datasets import DatasetFolder, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.crop import center_crop_arr
 
@@ -54,30 +57,127 @@ def load_rgb(path: str) -> Image.Image:
     return image.convert("RGB")
 
 
+IMAGE_LAYOUT = "<data_path>/train/<class>/<image>"
+
+
+def is_folder(entry: os.DirEntry) -> bool:
+    """entry.is_dir(), except that a link loop (`a -> a`) is no folder, as for os.walk."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def list_folder(root: str, extensions: tuple) -> tuple:
+    """`<root>/<class>/.../<file>` -> (class names, samples [(path, label)], repeats [(path, the
+    path listed for the same folder or file)]).
+
+    Classes are root's folders (or links to folders), sorted. Files whose name ends in one of
+    `extensions` (any case) are found at any depth below a class folder and ordered as
+    torchvision's DatasetFolder orders a tree without links: by class, folder path, file name.
+    Links are followed, but each folder is listed once, by its real path, so a loop ends: folders
+    in place claim theirs before links do (a link to another class's folder adds nothing), then
+    those reached through fewer links, then by path. A file link to a file listed already is not
+    listed again if both are in one class; in two classes, the label would be ambiguous:
+    ValueError naming both paths.
+    """
+    classes = sorted(e.name for e in os.scandir(root) if is_folder(e))
+    # (links followed, path, label); a sorted list is a heap already
+    queue = [(0, os.path.join(root, name), label) for label, name in enumerate(classes)]
+    folder_paths, folders, names, file_links, repeats = {}, [], {}, [], []
+    while queue:
+        links, path, label = heapq.heappop(queue)
+        real = os.path.realpath(path)
+        if real in folder_paths:
+            repeats.append((path, folder_paths[real]))
+            continue
+        folder_paths[real] = path
+        folders.append((label, path, real))
+        names[path] = []
+        try:
+            entries = list(os.scandir(path))
+        except OSError as e:
+            raise ValueError(f"{path}: cannot list the folder ({e.strerror}) (expected a readable "
+                             "folder)") from None
+        for entry in entries:
+            if is_folder(entry):
+                heapq.heappush(queue, (links + entry.is_symlink(), entry.path, label))
+            elif entry.name.lower().endswith(extensions):
+                if entry.is_symlink():
+                    file_links.append((entry.path, label, path, entry.name))
+                else:
+                    names[path].append(entry.name)
+    if file_links:  # after every file in place, which a link may repeat (rare: costs a dict)
+        owners = {os.path.join(real, name): (os.path.join(path, name), label)
+                  for label, path, real in folders for name in names[path]}
+        for link, label, path, name in sorted(file_links):
+            owner, owner_label = owners.setdefault(os.path.realpath(link), (link, label))
+            if owner == link:
+                names[path].append(name)
+            elif owner_label == label:
+                repeats.append((link, owner))
+            else:
+                raise ValueError(f"{link}: the same file as {owner}, in class "
+                                 f"{classes[owner_label]!r} (expected each file in one class)")
+    return classes, [(os.path.join(path, name), label) for label, path, _ in sorted(folders)
+                     for name in sorted(names[path])], repeats
+
+
+class FolderFiles(torch.utils.data.Dataset):
+    """The files of `<root>/<class>/...` (`list_folder`): `classes` (sorted folder names),
+    `class_to_idx`, `samples` [(path, label)] and `targets` [label], as torchvision's folders."""
+
+    def __init__(self, root, extensions: tuple):
+        self.root = os.fspath(root)
+        self.classes, self.samples, repeats = list_folder(self.root, extensions)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.targets = [label for _, label in self.samples]
+        if repeats and not (dist.is_initialized() and dist.get_rank()):  # once per job
+            path, first = repeats[0]
+            print(f"note: {self.root}: {len(repeats)} link(s) to folders or files listed already "
+                  f"were not counted again (e.g. {path}, the same as {first})")
+
+    def __len__(self):
+        return len(self.samples)
+
+
+class ImageFolder(FolderFiles):
+    """Images of `<root>/<class>/...` -> (transform(RGB image), label). ValueError if there is no
+    class folder or a class has no image."""
+
+    def __init__(self, root, transform):
+        super().__init__(root, IMG_EXTENSIONS)
+        self.transform = transform
+        if not self.classes:
+            raise ValueError(f"{self.root}: no class folders (expected images in {IMAGE_LAYOUT})")
+        counts = np.bincount(self.targets, minlength=len(self.classes))
+        if counts.min() == 0:
+            empty = os.path.join(self.root, self.classes[counts.argmin()])
+            raise ValueError(f"{empty}: no images (expected {IMAGE_LAYOUT}, files ending in "
+                             f"{' '.join(IMG_EXTENSIONS)})")
+
+    def __getitem__(self, index):
+        path, label = self.samples[index]
+        return self.transform(load_rgb(path)), label
+
+
 class ImageFolderWithFilename(ImageFolder):
     """ImageFolder returning (image, label, relative path, error).
 
-    relative path: "<class folder>/<file name>". With `skip_bad`, an unreadable image gives
-    image None and the error text instead of raising, so one bad file does not end a long job.
+    relative path: "<class folder>/<file name>". An unreadable image gives image None and the
+    error text instead of raising: the caller names the file (or, with --skip_bad, lists it and
+    goes on), where an exception in a loader worker would end in its traceback.
     """
-
-    def __init__(self, root, transform, skip_bad: bool = False):
-        super().__init__(root, transform=transform, loader=load_rgb)
-        self.skip_bad = skip_bad
 
     def relative_path(self, index: int) -> str:
         return os.path.relpath(self.samples[index][0], self.root)
 
     def __getitem__(self, index):
-        path, label = self.samples[index]
-        rel = self.relative_path(index)
+        label, rel = self.samples[index][1], self.relative_path(index)
         try:
-            image = self.transform(self.loader(path))
+            image = super().__getitem__(index)[0]
         except Exception as e:
-            if not self.skip_bad:
-                raise RuntimeError(f"cannot read image {path}: {e} "
-                                   "(pass --skip_bad to log it and continue)") from e
-            return None, label, rel, f"{type(e).__name__}: {e}"
+            return None, label, rel, " ".join(f"{type(e).__name__}: {e}".split())  # one line
         return image, label, rel, None
 
 
@@ -101,7 +201,7 @@ def load_cached_moments(path: str, expected_shape=None) -> dict:
     return arrays
 
 
-class CachedFolder(DatasetFolder):
+class CachedFolder(FolderFiles):
     """Cached VAE moments: `<root>/<class>/<file>.npz` -> (moments (2C, h, w) float32, label).
 
     Each read picks the plain or the flipped image's moments with probability 1/2, so training
@@ -114,8 +214,8 @@ class CachedFolder(DatasetFolder):
             raise FileNotFoundError(f"--cached_path {root}: no such folder; create the cache with "
                                     "main_cache.py")
         self.expected_shape = expected_shape
-        # allow_empty: a class folder that ended up empty keeps its index.
-        super().__init__(root, loader=None, extensions=(".npz",), allow_empty=True)
+        # An empty class folder is allowed: it keeps its index, so the labels stay the images'.
+        super().__init__(root, (".npz",))
         if len(self.samples) == 0:
             raise FileNotFoundError(f"--cached_path {root}: no .npz files found under it")
 

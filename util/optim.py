@@ -39,20 +39,36 @@ def param_groups(model: nn.Module, weight_decay: float, score_lrscale: float) ->
     return groups
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, source: str) -> None:
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: dict, source: str,
+                         hint: str = "") -> None:
     """Take the per-parameter state (moments, step counts) from `state_dict` and keep this run's
     hyper-parameters (weight decay, lr scale, betas ...): `Optimizer.load_state_dict` would
-    replace them with the saved ones, and a reference checkpoint's groups carry no `lr_scale`."""
+    replace them with the saved ones, and a reference checkpoint's groups carry no `lr_scale`.
+    A state that does not fit raises ValueError naming `source`, with `hint` (what to do)."""
     saved = state_dict.get("param_groups", [])
     ours = [len(g["params"]) for g in optimizer.param_groups]
     theirs = [len(g.get("params", ())) for g in saved]
     if ours != theirs:
         raise ValueError(f"{source}: the optimizer state has parameter groups of sizes {theirs}, "
-                         f"this model's are {ours} (order: no decay, decay, generator)")
-    settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(state_dict)
-    for group, kept in zip(optimizer.param_groups, settings):
-        group.update(kept)
+                         f"this model's are {ours} (order: no decay, decay, generator)"
+                         + (f"; {hint}" if hint else ""))
+    # The groups torch loads carry this run's settings: it keeps the groups it is given, and it
+    # places each `step` by their `fused` flag (fused: on the parameter's device), so a fused
+    # (CUDA) optimizer and an unfused one each load the other's state where they use it.
+    groups = [{**g, **{k: v for k, v in mine.items() if k != "params"}}
+              for g, mine in zip(saved, optimizer.param_groups)]
+    try:  # torch compares each parameter's state with the parameter itself
+        optimizer.load_state_dict({**state_dict, "param_groups": groups})
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ValueError(f"{source}: the optimizer state does not fit this model ({e})"
+                         + (f"; {hint}" if hint else "")) from None
+    # From a checkpoint read with mmap, torch keeps tensors that need no cast as they are (on the
+    # CPU: `step`, and the moments of a CPU run): they would keep the file mapped, and on disk
+    # after it is replaced (15 GB for EAR-H), for the whole run. The optimizer owns copies.
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.device.type == "cpu":
+                state[key] = value.clone()
 
 
 def lr_at(epoch: float, base_lr: float, warmup_epochs: float, epochs: int,
@@ -75,7 +91,7 @@ class EMA:
     """Exponential moving average of a model's parameters, kept in float32.
 
     `state_dict()` is the model's full state dict with the EMA values in place of the
-    parameters: the reference's `model_ema` checkpoint entry.
+    parameters, on the CPU: the reference's `model_ema` checkpoint entry.
     """
 
     def __init__(self, model: nn.Module, rate: float):
@@ -90,10 +106,12 @@ class EMA:
         torch._foreach_lerp_(self.params, [p.detach().float() for p in self.live], 1.0 - self.rate)
 
     def state_dict(self) -> dict:
-        sd = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        for name, value in zip(self.names, self.params):
-            sd[name] = value.to(sd[name].dtype).clone()
-        return sd
+        """{name: CPU tensor}, in the model's state-dict order and dtypes, copied tensor by
+        tensor: a copy of the whole model on its device first would cost the saving rank's
+        GPU that much memory at every checkpoint."""
+        ema = dict(zip(self.names, self.params))
+        return {k: ema.get(k, v).to(device="cpu", dtype=v.dtype, copy=True)
+                for k, v in self.model.state_dict().items()}
 
     def load_state_dict(self, sd: dict) -> None:
         for i, name in enumerate(self.names):

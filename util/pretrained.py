@@ -7,27 +7,20 @@ of `sample_ear.py` and of `main_ear.py --evaluate` takes any of the three. Loadi
 folder or a Hub repo never unpickles (safetensors and JSON only); Hub downloads are cached by
 huggingface_hub and can be pinned with `--revision`.
 """
-import argparse
 import json
 import re
 from pathlib import Path
-from typing import Mapping
-
-import torch
 import torch.nn as nn
 
-from models.ear import MODEL_SIZES
-from models.heads import HEADS
-from models.tokenizer import TOKENIZERS
-from util.args import architecture_flags, check_network_settings, network_settings
-from util.checkpoint import (CHECKPOINT_NAME, check_head_format, check_same_config,
-                              load_training_checkpoint)
-from util.distributed import run_on_main
+from util.args import architecture_flags, network_settings
+from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
+from util.distributed import MainRankFailed, run_on_main
 from util.fileio import atomic_write
-from util.weights import check_state_dict, load_state_dict_strict, read_weights
+from util.settings import (FORMAT, check_config, check_epoch, check_names, check_network_settings,
+                           check_same_config)
+from util.weights import load_state_dict_strict, read_weights
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
-FORMAT = "ear-weights/1"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
@@ -37,6 +30,9 @@ def export(checkpoint_dir, out_dir, use_ema: bool = True) -> Path:
 
     from util.builders import settings_from_checkpoint
     path = Path(checkpoint_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {checkpoint_dir}: no {CHECKPOINT_NAME} there (expected "
+                                "the --output_dir of a training run)")
     ckpt = load_training_checkpoint(path)
     settings = settings_from_checkpoint(ckpt.get("args"))
     key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
@@ -64,82 +60,41 @@ def push(folder, repo_id: str, private: bool = False) -> str:
     return str(getattr(commit, "commit_url", commit))
 
 
-def resolve(spec: str, revision: str = None) -> Path:
-    """A local folder as it is; a Hub repo id ("user/name") downloaded (or found in the cache)."""
+# What a weights flag (--resume of sampling and evaluation, --finetune) takes.
+EXPECTED = (f"expected a folder with {CHECKPOINT_NAME}, an exported folder ({WEIGHTS} + {CONFIG}) "
+            "or a Hugging Face Hub repo id (user/name)")
+
+
+def resolve(spec: str, revision: str = None, flag: str = "--resume") -> Path:
+    """A local folder as it is; a Hub repo id ("user/name") downloaded (or found in the cache).
+    `flag`: the flag that named it, for the messages."""
     if spec and Path(spec).is_dir():
         return Path(spec)
+    if spec and Path(spec).exists():
+        raise FileNotFoundError(f"{flag} {spec}: a file, not a folder ({EXPECTED}; for "
+                                f"{Path(spec).name}, pass the folder that holds it)")
     if not HUB_ID.match(spec or ""):
-        raise FileNotFoundError(f"--resume {spec or '(not given)'}: no such folder, and not a "
-                                "Hugging Face Hub repo id (user/name) either")
+        raise FileNotFoundError(f"{flag} {spec or '(not given)'}: no such folder, and not a "
+                                f"Hub repo id either ({EXPECTED})")
     from huggingface_hub import snapshot_download
     try:
         return Path(snapshot_download(repo_id=spec, revision=revision,
                                       allow_patterns=[WEIGHTS, CONFIG]))
     except Exception as e:  # not found, no network, gated ...: huggingface_hub's many kinds
-        raise FileNotFoundError(f"--resume {spec}: no such folder here, and as a Hugging Face "
+        raise FileNotFoundError(f"{flag} {spec}: no such folder here, and as a Hugging Face "
                                 f"Hub repo id it failed: {type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def download_on_main_first(spec: str, revision: str, is_main: bool) -> None:
+def download_on_main_first(spec: str, revision: str, is_main: bool, flag: str = "--resume") -> None:
     """A Hub repo id is downloaded by rank 0 alone, into huggingface_hub's cache, which the
-    other ranks then read; its failure stops every rank with rank 0's message."""
+    other ranks then read; its failure stops every rank with rank 0's message (a
+    FileNotFoundError, as in a single process)."""
     if not Path(spec).is_dir():
-        run_on_main(is_main, lambda: resolve(spec, revision), expected=(FileNotFoundError,))
-
-
-# Keys of config.json besides the network's settings ("exported_from": files of an earlier
-# version, which held the checkpoint's path there).
-CONFIG_KEYS = ("format", "model", "head", "tokenizer", "epoch", "weights", "run", "exported_from",
-               "dataset_classes")
-
-
-def check_names(settings: Mapping, source, required: bool) -> str:
-    """`model`, `head`, `tokenizer` are names this code knows (a reference checkpoint's args
-    have no head or tokenizer: required=False lets them default). Returns the head."""
-    for key, known in (("model", MODEL_SIZES), ("head", HEADS), ("tokenizer", TOKENIZERS)):
-        if key not in settings and not required:
-            continue
-        value = settings.get(key)
-        if not (isinstance(value, str) and value in known):
-            raise ValueError(f"{source}: {key} is {value!r}, expected one of {sorted(known)}")
-    return settings.get("head", "energy")
-
-
-def check_epoch(epoch, source) -> int:
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-        raise ValueError(f"{source}: epoch is {epoch!r}, expected a whole number >= 0")
-    return epoch
-
-
-def check_config(config, path) -> dict:
-    """An exported config.json, checked before anything is built from it: a JSON object in
-    this format, known keys only, every network setting present and of its type, the names
-    known, the epoch a whole number."""
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a JSON object of settings, found a "
-                         f"{type(config).__name__}")
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {config.get('format')!r}, expected {FORMAT!r}")
-    head = check_names(config, path, required=True)
-    check_head_format(config, path)
-    settings = network_settings(head)
-    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(settings))
-    missing = [n for n in ("epoch", *settings) if n not in config]
-    if unknown or missing:
-        raise ValueError(f"{path}: " + "; ".join(
-            f"{what} keys {', '.join(keys)}" for what, keys in (("unknown", unknown),
-                                                                ("missing", missing)) if keys))
-    check_network_settings(config, head, path)
-    check_epoch(config["epoch"], path)
-    classes = config.get("dataset_classes")
-    if classes is not None and not (isinstance(classes, list) and len(classes) == config["class_num"]
-                                    and all(type(c) is int and c >= 0 for c in classes)):
-        raise ValueError(f"{path}: dataset_classes is {classes!r}, expected null or "
-                         f"{config['class_num']} class ids (class_num)")
-    if config.get("weights", "ema") not in ("ema", "raw"):
-        raise ValueError(f"{path}: weights is {config['weights']!r}, expected 'ema' or 'raw'")
-    return config
+        try:
+            run_on_main(is_main, lambda: resolve(spec, revision, flag), expected=(FileNotFoundError,))
+        except MainRankFailed as e:
+            raise FileNotFoundError(str(e).removeprefix("FileNotFoundError: ")) from None
 
 
 def read_config(path) -> dict:
@@ -150,12 +105,12 @@ def read_config(path) -> dict:
     return check_config(config, path)
 
 
-def read(spec: str, revision: str = None, use_ema: bool = True) -> tuple:
+def read(spec: str, revision: str = None, use_ema: bool = True, flag: str = "--resume") -> tuple:
     """(saved settings dict or None, state dict, epoch, source) from an exported folder, a
     folder with a training checkpoint, or a Hub repo id, every part checked before use. Where a
     folder has both, the exported pair wins (no unpickling). A training checkpoint gives its
     EMA weights (use_ema=False: its raw ones); its optimizer and loss scaler are never read."""
-    folder = resolve(spec, revision)
+    folder = resolve(spec, revision, flag)
     from_hub = not Path(spec).is_dir()  # a Hub repo: only the exported pair, never a pickle
     if (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file():
         config = read_config(folder / CONFIG)
@@ -168,30 +123,8 @@ def read(spec: str, revision: str = None, use_ema: bool = True) -> tuple:
             check_network_settings(saved, check_names(saved, path, required=False), path)
         key = "model_ema" if use_ema and "model_ema" in ckpt else "model"
         return saved, ckpt[key], check_epoch(ckpt["epoch"], path), f"{path} [{key}]"
-    raise FileNotFoundError(f"--resume {spec}: no {CONFIG} with {WEIGHTS}, and no "
+    raise FileNotFoundError(f"{flag} {spec}: no {CONFIG} with {WEIGHTS}, and no "
                             f"{CHECKPOINT_NAME}, in {folder}")
-
-
-def check_settings_fit(settings: argparse.Namespace, state: Mapping[str, torch.Tensor],
-                       source) -> None:
-    """Compare the network `settings` describe with the weights' keys and shapes before
-    building it. A setting that shapes the weights can be no larger than the weights' largest
-    dimension or their number of tensors (a width is a dimension, a depth counts blocks of
-    tensors); above that it is refused at once, so a config claiming a depth of 10^6 cannot
-    make us build 10^6 blocks. Within that bound the network is built on the meta device (no
-    memory) and its state dict compared key by key."""
-    from util.builders import build_model
-    largest_dim = max((d for t in state.values() for d in t.shape), default=0)
-    for name in architecture_flags(settings.head):
-        value = getattr(settings, name)
-        if isinstance(value, int) and not isinstance(value, bool) \
-                and value > max(len(state), largest_dim):
-            raise ValueError(f"{source}: {name} {value} cannot describe these weights ("
-                             f"{len(state)} tensors, largest dimension {largest_dim})")
-    with torch.device("meta"):
-        model = build_model(settings)
-    check_state_dict(model.state_dict(), state, source,
-                     f"the network its settings describe ({settings.model}, {settings.head} head)")
 
 
 def load_sampling_weights(model: nn.Module, spec: str, args, revision: str = None,

@@ -19,27 +19,17 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-# Exit status after a checkpoint on a signal: EX_TEMPFAIL of sysexits.h ("try again later"), so
-# a job script can tell "requeue me" from success (0) and from errors (1, 2). docs/training.md.
-EXIT_REQUEUE = 75
-DEFAULT_SAVE_SIGNALS = "TERM,INT,USR1"
+from util.distributed import all_ranks_true
+from util.signals import early_signal
 
 
 class Preempted(Exception):
-    """Training stopped on a signal after writing its checkpoint; the process exits EXIT_REQUEUE."""
+    """Training stopped on a signal (after writing its checkpoint, if `saved`); the process
+    exits EXIT_REQUEUE."""
 
-
-def parse_signals(text: str) -> list:
-    """'TERM,INT,USR1' (with or without the SIG prefix, any case; '' for none) -> signals."""
-    found = []
-    for name in filter(None, (part.strip().upper() for part in text.split(","))):
-        name = name if name.startswith("SIG") else f"SIG{name}"
-        sig = getattr(signal.Signals, name, None)
-        if sig is None or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise SystemExit(f"error: --save_signals {text!r}: {name} is not a signal that can be "
-                             "caught (e.g. TERM,INT,USR1, or '' for none)")
-        found.append(sig)
-    return found
+    def __init__(self, message: str, saved: bool = True):
+        super().__init__(message)
+        self.saved = saved
 
 
 class SaveRequests:
@@ -61,8 +51,10 @@ class SaveRequests:
 
     @contextlib.contextmanager
     def installed(self):
-        """Handle the signals inside the block (main thread only), the old handlers after it."""
+        """Handle the signals inside the block (main thread only), the old handlers after it.
+        A signal that arrived while the run started (util/signals.py) counts as received."""
         previous = {sig: signal.signal(sig, self._on_signal) for sig in self.signals}
+        self.received = self.received or early_signal(self.signals)
         try:
             yield self
         finally:
@@ -101,6 +93,15 @@ class SaveRequests:
         """A checkpoint was written: restart the clock."""
         self.save, self.last_save = False, time.monotonic()
 
+    def stop_if_signalled(self, device: torch.device, where: str, saved: bool = True) -> None:
+        """Outside the training steps (start-up, evaluation): raise Preempted on every rank if
+        any rank received a save signal. One tiny all-reduce: every rank must call it."""
+        if not all_ranks_true([self.received is None], device)[0]:
+            raise Preempted(f"stopped by {self.cause()} {where}", saved)
+
+    def cause(self) -> str:
+        return self.received.name if self.received else "a signal to another rank"
+
 
 def ignore_signals(signals: list, worker_id: int = 0) -> None:
     """A loader worker's worker_init_fn: ignore the save signals. A signal often reaches every
@@ -116,11 +117,13 @@ def ignore_signals(signals: list, worker_id: int = 0) -> None:
 class EpochPosition:
     """Where training stands inside `epoch`: `step` is the index of the next micro-batch (at an
     optimizer-step boundary), `loss_sum` rank 0's sum of the losses of the steps before it, `rng`
-    this rank's generator states there (None at an epoch's start, which reseeds instead)."""
+    this rank's generator states there (None at an epoch's start, which reseeds instead).
+    `evaluation_due`: the epoch is trained (its log line's numbers), its evaluation is not."""
     epoch: int
     step: int = 0
     loss_sum: float = 0.0
     rng: dict = None
+    evaluation_due: dict = None
 
 
 def rng_state(device: torch.device) -> dict:

@@ -6,6 +6,17 @@ import torch
 import torch.nn as nn
 
 
+def load_failure(error: Exception) -> str:
+    """What torch.load's error says about the file, in a few words: for a weights-only refusal,
+    the unpickler's reason (e.g. "Unsupported global: GLOBAL x.Y was not an allowed global"),
+    without torch's page of advice around it (which includes loading unsafely)."""
+    text = str(error)
+    if "WeightsUnpickler error:" in text:
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the doc")[0].split())
+        return f"refused by the safe loader: {reason.split('. Please use')[0]}"
+    return " ".join(text.strip().split("\n")[0].split()) or type(error).__name__
+
+
 def read_weights(path, nested_keys: Iterable[str] = ()) -> Mapping[str, torch.Tensor]:
     """Tensors from a `.safetensors` file or a torch checkpoint (loaded with weights_only=True).
 
@@ -24,7 +35,7 @@ def read_weights(path, nested_keys: Iterable[str] = ()) -> Mapping[str, torch.Te
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint ({e})") from e
+        raise ValueError(f"{path}: not a readable torch checkpoint ({load_failure(e)})") from e
     for key in nested_keys:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             return obj[key]
