@@ -16,6 +16,7 @@ from tqdm import tqdm
 from models.heads import HEADS
 from util.builders import TrainState, batches_per_epoch, dataset_class_ids
 from util.distributed import MainRankFailed, all_ranks_true, all_reduce_sum, barrier, run_on_main
+from util.fileio import nearest_existing
 from util.images import (NPZ_PERMUTATION_SEED, PngWriter, read_sample, sample_file, save_grid,
                           to_uint8, write_adm_npz)
 from util.loggers import Loggers
@@ -199,10 +200,7 @@ def check_room_for_samples(args) -> None:
     PNG file in a folder under --output_dir, so its file system needs that many free inodes
     (file systems that report no inode limit are not checked). A trillion images is a typo, and
     would otherwise end after hours with a full disk."""
-    folder = Path(args.output_dir).absolute()
-    while not folder.exists():
-        folder = folder.parent
-    fs = os.statvfs(folder)
+    fs = os.statvfs(nearest_existing(args.output_dir))
     if fs.f_files and args.num_images > fs.f_favail:
         raise ValueError(f"--num_images {args.num_images}: the samples are written as that many "
                          f"PNG files under --output_dir {args.output_dir}, whose file system has "

@@ -140,10 +140,11 @@ def forget_logged_epochs_after(log: Path, epoch: int) -> None:
     if not log.is_file():
         return
     lines = log.read_text(errors="replace").splitlines(keepends=True)
-    whole = [line for line in lines if line.endswith("\n") and logged_epoch(line) is not None]
+    epochs = [logged_epoch(line) if line.endswith("\n") else None for line in lines]
+    whole = [(line, e) for line, e in zip(lines, epochs) if e is not None]
     if len(whole) != len(lines):
         print(f"note: {log}: dropped {len(lines) - len(whole)} line(s) cut short by a killed run")
-    kept = [line for line in whole if logged_epoch(line) <= epoch]
+    kept = [line for line, e in whole if e <= epoch]
     if len(kept) != len(lines):
         atomic_write(log, lambda f: f.write("".join(kept).encode()))
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from util.args import check_positive, stats_parser
 from util.crop import center_crop_arr
 from util.distributed import all_gather_objects, barrier, cleanup, init_distributed
-from util.errors import one_line_errors
+from util.errors import one_line_errors, with_kind
 from util.fid import DinoV2Features, exact_float32, inception_extractor, inception_pool
 from util.fileio import atomic_write, check_writable
 from util.loader import ImageFolder, load_rgb, parse_classes, train_folder
@@ -54,7 +54,7 @@ class CroppedImages(Dataset):
         try:
             crop = np.array(center_crop_arr(load_rgb(self.paths[i]), self.img_size))  # writable
         except Exception as e:
-            return None, i, " ".join(f"{type(e).__name__}: {e}".split())
+            return None, i, with_kind(e)
         return torch.from_numpy(crop).permute(2, 0, 1).contiguous(), i, None
 
 

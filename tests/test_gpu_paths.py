@@ -50,7 +50,7 @@ def test_torchrun_rank_binds_modulo_the_visible_gpus(fake_gpus, monkeypatch):
 
 @pytest.mark.parametrize("device, expected", [("cuda:1", 1), ("cuda", 0)])
 def test_a_single_process_makes_its_gpu_the_current_one(fake_gpus, device, expected):
-    """torch-fidelity moves batches with .cuda(): the current device must be --device's."""
+    """torch-fidelity moves its batches to the current CUDA device: it must be --device's."""
     bound = fake_gpus(2)
     info = distributed.init_distributed(device)
     assert info.device == torch.device("cuda", expected) == bound["set_device"]

@@ -62,7 +62,7 @@ def init_distributed(device: str = "cuda", dist_url: str = "env://", dist_on_itp
     launched = _launcher_env(dist_on_itp)
     if launched is None:
         dev = torch.device(device)
-        if dev.type == "cuda":  # also the current device: torch-fidelity moves batches with .cuda()
+        if dev.type == "cuda":  # also the current device: torch-fidelity moves its batches there by default
             dev = torch.device("cuda", dev.index or 0)
             torch.cuda.set_device(dev)
         return DistInfo(device=dev)

@@ -21,6 +21,12 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def with_kind(error: BaseException) -> str:
+    """`Kind: message` on one line, for a file that could not be read (e.g. `OSError: image
+    file is truncated`), listed or named beside the file."""
+    return " ".join(f"{type(error).__name__}: {error}".split())
+
+
 @contextlib.contextmanager
 def one_line_errors(prefix: str = "error: "):
     """Inside the block, a ValueError or OSError ends the process with `<prefix><message>`."""

@@ -88,6 +88,14 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+def nearest_existing(path) -> Path:
+    """`path` if it exists, else its nearest existing ancestor: where it would be created."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_writable(path, flag: str, folder: bool = False) -> Path:
     """Refuse, before any work, an output that cannot be written, creating nothing: a folder
     where a file is to go (or a file where a folder, with `folder`), or a nearest existing
@@ -97,9 +105,7 @@ def check_writable(path, flag: str, folder: bool = False) -> Path:
         raise ValueError(f"{flag} {path}: a file is there (expected a folder to write into)")
     if not folder and path.is_dir():
         raise ValueError(f"{flag} {path}: a folder is there (expected the name of a file to write)")
-    existing = path if folder and path.is_dir() else path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = nearest_existing(path if folder and path.is_dir() else path.parent)
     if not existing.is_dir():
         raise ValueError(f"{flag} {path}: {existing} is a file (expected a folder there)")
     if not os.access(existing, os.W_OK | os.X_OK):

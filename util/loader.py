@@ -16,6 +16,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from util.crop import center_crop_arr
+from util.errors import with_kind
 
 CACHE_KEYS = ("moments", "moments_flip")
 
@@ -177,7 +178,7 @@ class ImageFolderWithFilename(ImageFolder):
         try:
             image = super().__getitem__(index)[0]
         except Exception as e:
-            return None, label, rel, " ".join(f"{type(e).__name__}: {e}".split())  # one line
+            return None, label, rel, with_kind(e)
         return image, label, rel, None
 
 
