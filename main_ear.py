@@ -36,7 +36,7 @@ from util.errors import one_line_errors
 from util.fileio import atomic_write, check_writable
 from util.finetune import freeze, load_finetune_weights
 from util.loggers import Loggers
-from util.optim import EMA, load_optimizer_state
+from util.optim import EMA, EMA_WARM, load_optimizer_state
 from util.precision import describe_precision, set_up_cuda
 from util.pretrained import download_on_main_first, load_sampling_weights
 from util.resumable import EpochPosition, Preempted, SaveRequests, rng_state, set_rng_state
@@ -69,8 +69,10 @@ def resume(state: TrainState, args, info: DistInfo) -> EpochPosition:
     if "model_ema" in ckpt:
         check_weights(state.model.state_dict(), ckpt["model_ema"], f"{path} [model_ema]", "EAR")
         state.ema.load_state_dict(ckpt["model_ema"])
+        # Without the count (a run saved with the warm-up off) the average is already long.
+        state.ema.updates = ckpt.get("ema_updates", EMA_WARM)
     else:  # a checkpoint without EMA: restart the average from the loaded weights
-        state.ema = EMA(state.model, args.ema_rate)
+        state.ema = EMA(state.model, args.ema_rate, args.ema_warmup == "on")
     if "optimizer" in ckpt:
         load_optimizer_state(state.optimizer, ckpt["optimizer"], f"{path} [optimizer]",
                              "resume with the --freeze it was saved with, or start from its "
@@ -117,7 +119,7 @@ def finetune(state: TrainState, args, info: DistInfo) -> None:
     fresh optimizer, loss scaler, epoch and EMA (started from the loaded weights)."""
     download_on_main_first(args.finetune, args.revision, info.is_main, "--finetune")
     source, epoch, notes = load_finetune_weights(state.model, args)
-    state.ema = EMA(state.model, args.ema_rate)
+    state.ema = EMA(state.model, args.ema_rate, args.ema_warmup == "on")
     if info.is_main:
         print(f"fine-tuning from {source} (its epoch {epoch}); optimizer, epoch and EMA start anew")
         for note in notes:
@@ -196,12 +198,12 @@ def save_checkpoint(state: TrainState, epoch: int, args, info: DistInfo,
     if not all(all_ranks_finite(*weights)):
         raise NonFiniteLoss(f"non-finite weights after epoch {epoch}: {CHECKPOINT_NAME} was not "
                             f"written, the last one in {args.output_dir} is intact")
-    extra = None
+    extra = {"ema_updates": state.ema.updates} if state.ema.warmup else {}
     if position is not None:
-        extra = {"step": position.step, "epoch_loss_sum": position.loss_sum,
-                 "rng": all_gather_objects(rng_state(info.device))}
+        extra.update(step=position.step, epoch_loss_sum=position.loss_sum,
+                     rng=all_gather_objects(rng_state(info.device)))
     elif evaluation_due is not None:
-        extra = {"evaluation_due": evaluation_due}
+        extra["evaluation_due"] = evaluation_due
     run_on_main(info.is_main, lambda: save_training_checkpoint(
         args.output_dir, state.model, state.ema, state.optimizer, state.scaler, epoch, args, extra))
 

@@ -86,7 +86,8 @@ def test_a_new_class_count_reinitialises_only_the_class_embedding(reference_chec
             assert torch.equal(state[key], value), key  # the EMA weights, loaded exactly
     assert torch.equal(state["class_emb.weight"], fresh)  # as a new model's
     assert state["class_emb.weight"].shape == (5, 32)
-    assert notes == ["class_emb.weight re-initialised (the source's 3 classes, 5 classes here)"]
+    assert notes == ["class_emb.weight re-initialised, --new_class_init normal (the source's 3 "
+                     "classes, 5 classes here)"]
     assert "[model_ema]" in source and epoch == 0
     args.finetune_raw = True
     load_finetune_weights(model, args)
@@ -136,6 +137,21 @@ def test_freeze_transformer_trains_only_the_head_and_classes():
     assert "decoder_blocks.0.attn.qkv.weight" in frozen and "class_emb.weight" not in frozen
 
 
+@pytest.mark.parametrize("flags, expected", [((), "off"), (("--finetune", "x"), "on"),
+                                             (("--finetune", "x", "--ema_warmup", "off"), "off"),
+                                             (("--ema_warmup", "on"), "on")])
+def test_the_ema_warms_up_by_default_only_when_fine_tuning(flags, expected):
+    """From scratch the paper's fixed rate; with --finetune an average that starts short."""
+    from util.builders import build_train_state, resolve_args
+    from util.distributed import DistInfo
+    args = small_args(*flags)
+    resolve_args(args, DistInfo())
+    assert args.ema_warmup == expected
+    state = build_train_state(build_model(args), args, DistInfo())
+    assert state.ema.warmup == (expected == "on")
+    assert state.ema.current_rate() == (0.1 if expected == "on" else args.ema_rate)
+
+
 def test_a_reference_checkpoint_fine_tunes_with_new_classes_and_size_and_resumes(
         reference_checkpoint, tmp_path, capsys):
     """End to end through main_ear.py: 2 classes of 4x4 latents from a 3-class 2x2 source; the
@@ -160,6 +176,9 @@ def test_a_reference_checkpoint_fine_tunes_with_new_classes_and_size_and_resumes
     for key in ("model", "model_ema"):
         for name, value in straight[key].items():
             assert torch.equal(resumed[key][name], value), (key, name)
+    # --finetune warms the EMA up (--ema_warmup auto); its clock is saved and restored.
+    assert resumed["args"]["ema_warmup"] == "on"
+    assert resumed["ema_updates"] == straight["ema_updates"] == 4  # 2 epochs of 2 steps
 
 
 # --- --classes ----------------------------------------------------------------------------------

@@ -575,6 +575,28 @@ def test_ema_update_rule_swap_and_state_dict():
     assert all(torch.equal(a, b) for a, b in zip(fresh.params, ema_values))
 
 
+def test_ema_warmup_grows_the_rate_with_the_updates():
+    """--ema_warmup: min(rate, (1 + n) / (10 + n)) after n updates; off: the rate throughout."""
+    model = tiny_model()
+    assert [EMA(model, 0.99).current_rate() for _ in range(2)] == [0.99, 0.99]
+    ema = EMA(model, 0.95, warmup=True)
+    start = [p.detach().clone() for p in model.parameters()]
+    rates = []
+    for n in range(200):
+        rates.append(ema.current_rate())
+        if n == 0:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(1.0)
+        ema.update()
+        if n == 0:  # the first update keeps only a tenth of where the average started
+            for e, s0 in zip(ema.params, start):
+                torch.testing.assert_close(e, s0 + 0.9)
+    assert rates[:3] == pytest.approx([1 / 10, 2 / 11, 3 / 12])
+    assert rates[170] == pytest.approx(171 / 180) and rates[171:] == [0.95] * 29
+    assert ema.updates == 200
+
+
 def test_online_evaluation_samples_with_the_ema_and_restores_the_raw_weights(tmp_path):
     import main_ear
     torch.manual_seed(0)

@@ -60,6 +60,8 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
                          f"got {args.save_interval_minutes}")
     if not 0.0 <= args.ema_rate < 1.0:
         raise SystemExit(f"error: --ema_rate must be in [0, 1), got {args.ema_rate}")
+    if getattr(args, "ema_warmup", "off") == "auto":  # the saved args say which it was
+        args.ema_warmup = "on" if args.finetune else "off"
     for name in ("blr", "lr", "min_lr", "weight_decay", "warmup_epochs"):
         values = getattr(args, name)
         for value in values if isinstance(values, list) else [values]:
@@ -263,7 +265,7 @@ def build_train_state(model: EAR, args, info: DistInfo) -> TrainState:
         ddp = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         train_model = ddp
-    ema = EMA(model, args.ema_rate)  # ... so the EMA, copied after it, is the same everywhere
+    ema = EMA(model, args.ema_rate, args.ema_warmup == "on")  # ... so the EMA, copied after it, is the same everywhere
     return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
 
 

@@ -5,8 +5,9 @@ A dict with `model` and `model_ema` (full state dicts, the EMA values in the sec
 written inside an epoch (on a signal or by the clock) adds `step` (the epoch's next
 micro-batch), `epoch_loss_sum` and `rng` (each rank's generator states, in rank order); one
 written at an epoch's end before its online evaluation adds `evaluation_due` (the epoch's log
-line, {"loss", "lr"}: a resumed run evaluates that epoch first). The reference's resume ignores
-these keys and goes on at the next epoch. Files written here hold `args` as a plain dict, so `torch.load(path)` at torch's default (weights_only=True)
+line, {"loss", "lr"}: a resumed run evaluates that epoch first); one of a run with
+`--ema_warmup on` adds `ema_updates` (the EMA's update count, its warm-up clock). The
+reference's resume ignores these keys and goes on at the next epoch. Files written here hold `args` as a plain dict, so `torch.load(path)` at torch's default (weights_only=True)
 reads them; the reference's files hold an `argparse.Namespace`, which is allow-listed for them.
 """
 import argparse

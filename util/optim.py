@@ -87,23 +87,40 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
+# An update count past any warm-up: (1 + n) / (10 + n) exceeds every usable rate (1 - 1e-8).
+EMA_WARM = 10 ** 9
+
+
 class EMA:
-    """Exponential moving average of a model's parameters, kept in float32.
+    """Exponential moving average of a model's parameters, kept in float32; with `warmup` its
+    rate grows with the number of updates (current_rate).
 
     `state_dict()` is the model's full state dict with the EMA values in place of the
     parameters, on the CPU: the reference's `model_ema` checkpoint entry.
     """
 
-    def __init__(self, model: nn.Module, rate: float):
-        self.model, self.rate = model, rate
+    def __init__(self, model: nn.Module, rate: float, warmup: bool = False):
+        self.model, self.rate, self.warmup = model, rate, warmup
+        self.updates = 0  # updates made in this run: the warm-up's clock (saved with warm-up on)
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.names = [n for n, _ in named]
         self.live = [p for _, p in named]  # the model's own tensors, updated in place by training
         self.params = [p.detach().float().clone() for p in self.live]
 
+    def current_rate(self) -> float:
+        """The rate of the next update. With warm-up, min(rate, (1 + n) / (10 + n)) after n
+        updates, the schedule of TensorFlow's ExponentialMovingAverage(num_updates=n): the
+        average reaches back about n / 10 steps early on instead of 1 / (1 - rate), so a short
+        run (fine-tuning) is not averaged with the weights it started from."""
+        if not self.warmup:
+            return self.rate
+        return min(self.rate, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.params, [p.detach().float() for p in self.live], 1.0 - self.rate)
+        torch._foreach_lerp_(self.params, [p.detach().float() for p in self.live],
+                             1.0 - self.current_rate())
+        self.updates += 1
 
     def state_dict(self) -> dict:
         """{name: CPU tensor}, in the model's state-dict order and dtypes, copied tensor by
