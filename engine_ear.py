@@ -16,6 +16,7 @@ from tqdm import tqdm
 from models.heads import HEADS
 from util.builders import TrainState, batches_per_epoch, dataset_class_ids
 from util.distributed import MainRankFailed, all_ranks_true, all_reduce_sum, barrier, run_on_main
+from util.editing import paste, token_mask
 from util.fileio import nearest_existing
 from util.images import (NPZ_PERMUTATION_SEED, PngWriter, read_sample, sample_file, save_grid,
                           to_uint8, write_adm_npz)
@@ -179,14 +180,34 @@ def balanced_labels(indices: range, num_images: int, class_num: int) -> torch.Te
 
 @torch.no_grad()
 def generate(model, decode, labels: torch.Tensor, cfg: float, temperature: float, args,
-             device) -> torch.Tensor:
+             device, known: torch.Tensor = None, known_mask: torch.Tensor = None) -> torch.Tensor:
     """Images in [-1, 1] (B, C, H, W) for the given labels, decoded from sampled latents, in
-    the precision --precision gives (the same for --evaluate, online evaluation and sample_ear)."""
+    the precision --precision gives (the same for --evaluate, online evaluation and sample_ear).
+    known, known_mask: tokens to keep (editing; EAR.sample_tokens)."""
     with autocast(device, resolve_precision(args.precision, device)):
         latents = model.sample_tokens(len(labels), num_iter=args.num_iter, cfg=cfg,
                                       cfg_schedule=args.cfg_schedule, labels=labels.to(device),
-                                      infer_temperature=temperature)
+                                      infer_temperature=temperature, known=known,
+                                      known_mask=known_mask)
         return decode(latents.float())
+
+
+def complete(model, tokenizer, images: torch.Tensor, keep: torch.Tensor, labels: torch.Tensor,
+             args, device) -> torch.Tensor:
+    """Completions (N, C, H, W) in [-1, 1] of images (N, C, H, W) in [-1, 1], keeping the
+    tokens under the kept pixels `keep` (N, H, W) (--mask_rule), as the model's classes `labels`
+    (N,). Sampled in batches of at most --eval_bsz that keep the same number of tokens (one
+    schedule per batch); --paste puts the kept pixels back."""
+    kept = token_mask(keep, images.shape[-1] // model.seq_h, args.mask_rule)
+    out = torch.empty_like(images)
+    counts = kept.sum(dim=1)
+    for count in counts.unique().tolist():
+        for rows in (counts == count).nonzero().flatten().split(args.eval_bsz):
+            known = tokenizer.encode_mean(images[rows].to(device))
+            out[rows] = generate(model, tokenizer.decode, labels[rows], args.cfg,
+                                 args.infer_temperature, args, device, known,
+                                 kept[rows].to(device)).float().cpu()
+    return paste(out, images, keep) if args.paste else out
 
 
 def rank_share(num_images: int, rank: int, world_size: int) -> range:

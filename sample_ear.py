@@ -9,24 +9,29 @@ checkpoint when they shape the weights (e.g. --model) and used otherwise (e.g. t
 head's --num_sampling_steps); training flags (e.g. from @configs/digits_quickstart.args) are
 ignored.
 --save_individual DIR also writes every image.
+
+Editing (docs/editing.md): `--edit IMAGE --mask MASK` (white: regenerate) completes the image
+as each of --class_ids (its own class: inpainting; another: re-classing the region),
+--samples_per_class times; the grid's rows start with the input and the mask. `--edit_npz FILE`
+completes many (`images`, `masks`, `labels`) and writes them with `completions` to --out (.npz).
 """
-import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from engine_ear import generate
-from util import pretrained
+from engine_ear import complete, generate
 from util.args import (ArgsFileParser, add_device_args, add_precision_arg, add_sampling_args,
-                       add_vae_path_arg, architecture_flags, check_positive, check_sampling_args,
-                       explicit_flags, network_settings, train_parser)
-from util.builders import build_model, make_tokenizer, settings_from_checkpoint
-from util.settings import check_same_config, check_settings_fit
+                       add_vae_path_arg, check_positive, check_sampling_args, explicit_flags,
+                       train_parser)
+from util.builders import make_tokenizer, model_labels
 from util.errors import one_line_errors
-from util.fileio import check_writable
+from util.editing import (MASK_RULES, check_npz_out, check_token_mask, read_edit, read_edit_npz,
+                          token_mask)
+from util.fileio import atomic_write, check_writable
 from util.images import save_grid, save_png, to_uint8
 from util.precision import set_up_cuda
-from util.weights import load_state_dict_strict
+from util.pretrained import load_sampling_model
 
 
 def parser() -> ArgsFileParser:
@@ -44,6 +49,19 @@ def parser() -> ArgsFileParser:
                         "trained on --classes)")
     g.add_argument("--samples_per_class", type=int, default=8)
     add_sampling_args(g)
+    g = p.add_argument_group("editing (docs/editing.md)")
+    g.add_argument("--edit", default="", help="complete this image (PNG/JPEG) instead of drawing "
+                   "from nothing; other sizes are centre-cropped as training images are")
+    g.add_argument("--mask", default="", help="with --edit: a picture of its size, white where "
+                   "to regenerate, black where to keep")
+    g.add_argument("--edit_npz", default="",
+                   help="complete many: an .npz with images (N,H,W,3 or N,H,W uint8), masks "
+                        "(N,H,W bool, True: regenerate) and labels (N,); --out gets an .npz")
+    g.add_argument("--mask_rule", default="all", choices=MASK_RULES,
+                   help="a token is kept when all (default) / any of its pixels are kept")
+    g.add_argument("--paste", action="store_true",
+                   help="paste the kept pixels back over the decoded completion (a VAE changes "
+                        "the pixels it re-encodes)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="samples.png", help="grid PNG to write")
     g.add_argument("--save_individual", default="", help="also write every image to this folder")
@@ -63,44 +81,13 @@ def parse_args(argv=None) -> tuple:
     return args, given
 
 
-def load_checkpoint(args, given: dict) -> tuple:
-    """(model with the weights of --resume, its training settings, epoch). Every file is
-    checked, and the settings compared with the weights' shapes, before the network is built:
-    a bad file raises ValueError (or FileNotFoundError) naming it and the key."""
-    saved, state, epoch, source = pretrained.read(args.resume, args.revision, not args.no_ema)
-    settings = settings_from_checkpoint(saved)
-    shaping = {n: v for n, v in given.items() if n in architecture_flags(settings.head)}
-    check_same_config(saved, argparse.Namespace(**shaping), shaping, source)
-    # Other settings of the network may change, e.g. the diffusion head's --num_sampling_steps.
-    overrides = {n: v for n, v in given.items() if n in network_settings(settings.head)
-                 and n not in shaping}
-    vars(settings).update({**shaping, **overrides})
-    check_settings_fit(settings, state, source)
-    model = build_model(settings)
-    load_state_dict_strict(model, state, source)
-    ignored = sorted(set(given) - set(shaping) - set(overrides))
-    if ignored:
-        print(f"note: ignoring training flags {', '.join('--' + n for n in ignored)}: the network "
-              f"comes from {source}")
-    return model, settings, epoch
-
-
-def model_labels(class_ids: list, settings) -> torch.Tensor:
-    """The model's labels for --class_ids, which are the dataset's class ids: for a model
-    trained on `--classes`, its label i is the dataset's class classes[i]."""
-    classes = getattr(settings, "dataset_classes", None) or list(range(settings.class_num))
-    missing = [c for c in class_ids if c not in classes]
-    if missing:
-        raise SystemExit(f"error: --class_ids {missing} are not among the checkpoint's classes "
-                         f"({classes if len(classes) <= 20 else f'0..{len(classes) - 1}'})")
-    return torch.tensor([classes.index(c) for c in class_ids])
-
-
 def check_outputs(args) -> None:
     """--out (a picture file PIL can write) and --save_individual, before anything is loaded."""
     from PIL import Image
     check_writable(args.out, "--out")
-    if Path(args.out).suffix.lower() not in Image.registered_extensions():
+    if args.edit_npz:
+        check_npz_out(args.out)
+    elif Path(args.out).suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out}: no picture file extension (expected e.g. .png)")
     if args.save_individual:
         check_writable(args.save_individual, "--save_individual", folder=True)
@@ -111,16 +98,55 @@ def set_up(args, given: dict, device) -> tuple:
     flag and file checked first; a bad one ends the process with one line."""
     check_sampling_args(args)
     check_positive(args, "samples_per_class")
+    if bool(args.edit) != bool(args.mask) or (args.edit and args.edit_npz):
+        raise SystemExit("error: --edit IMAGE needs --mask MASK (and the other way round); "
+                         "--edit_npz takes the place of both")
     with one_line_errors():
         check_outputs(args)
-        model, settings, epoch = load_checkpoint(args, given)
+        model, settings, epoch = load_sampling_model(args.resume, args.revision, not args.no_ema,
+                                                     given)
         if args.num_iter > model.seq_len:
             raise ValueError(f"--num_iter {args.num_iter}: the checkpoint's images have "
                              f"{model.seq_len} tokens (expected at most one step per token)")
-        labels = model_labels(args.class_ids, settings)
+        labels = None if args.edit_npz else model_labels(args.class_ids, settings)
         tokenizer = make_tokenizer({**vars(settings), "vae_path": args.vae_path,
                                     "use_cached": False}, device)
     return model.to(device).eval(), tokenizer, labels, settings, epoch
+
+
+def edit_image(model, tokenizer, labels: torch.Tensor, settings, args, device) -> str:
+    """--edit/--mask: one grid row per class, [input, mask, completions]; returns a summary."""
+    image, keep = read_edit(args.edit, args.mask, settings.img_size, tokenizer.image_channels)
+    token_keep = token_mask(keep, settings.img_size // model.seq_h, args.mask_rule)
+    check_token_mask(token_keep, f"--mask {args.mask}")
+    n = len(labels) * args.samples_per_class
+    completions = complete(model, tokenizer, image.expand(n, -1, -1, -1), keep.expand(n, -1, -1),
+                           labels.repeat_interleave(args.samples_per_class), args, device)
+    shown_mask = (~keep[:, None]).float().mul(2).sub(1).expand_as(image)  # white: regenerated
+    rows = [torch.cat([image, shown_mask, chunk]) for chunk in completions.split(args.samples_per_class)]
+    grid = save_grid(to_uint8(torch.cat(rows)), args.samples_per_class + 2, args.out)
+    kept = int(token_keep.sum())
+    return (f"completed {args.edit} ({kept} of {model.seq_len} tokens kept): wrote {grid} "
+            f"({len(labels)} classes x {args.samples_per_class}, after the input and the mask)")
+
+
+def edit_npz(model, tokenizer, settings, args, device) -> str:
+    """--edit_npz: every image completed --samples_per_class times as its label; --out gets the
+    input arrays and `completions` (N, samples_per_class, H, W[, C]) uint8."""
+    images, keep, class_ids, arrays = read_edit_npz(args.edit_npz, settings.img_size,
+                                                    tokenizer.image_channels)
+    check_token_mask(token_mask(keep, settings.img_size // model.seq_h, args.mask_rule),
+                     f"--edit_npz {args.edit_npz}")
+    labels = model_labels(class_ids.tolist(), settings)
+    s = args.samples_per_class
+    completions = complete(model, tokenizer, images.repeat_interleave(s, 0),
+                           keep.repeat_interleave(s, 0), labels.repeat_interleave(s), args, device)
+    out = to_uint8(completions)
+    out = out.reshape(len(images), s, *out.shape[1:])
+    if out.shape[-1] == 1:
+        out = out[..., 0]
+    atomic_write(Path(args.out), lambda f: np.savez(f, **arrays, completions=out))
+    return f"completed {len(images)} images x {s} from {args.edit_npz}: wrote {args.out}"
 
 
 def main(args, given: dict) -> None:
@@ -128,6 +154,13 @@ def main(args, given: dict) -> None:
     set_up_cuda(device, tf32=True)  # as main_ear.py --evaluate samples by default (--tf32)
     torch.manual_seed(args.seed)
     model, tokenizer, labels, settings, epoch = set_up(args, given, device)
+    if args.edit or args.edit_npz:
+        with one_line_errors():
+            done = (edit_image if args.edit else edit_npz)(
+                model, tokenizer, *([labels] if args.edit else []), settings, args, device)
+        print(f"{settings.model} ({settings.head} head), epoch {epoch} checkpoint, cfg {args.cfg}, "
+              f"temperature {args.infer_temperature}, {args.num_iter} steps: {done}")
+        return
     labels = labels.repeat_interleave(args.samples_per_class)
     images = torch.cat([generate(model, tokenizer.decode, chunk, args.cfg, args.infer_temperature,
                                  args, device)

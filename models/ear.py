@@ -147,9 +147,14 @@ class EAR(nn.Module):
         return x.reshape(B, C, h * p, w * p)
 
     # ----- masking ------------------------------------------------------------------------
-    def random_orders(self, bsz: int, device) -> torch.Tensor:
-        """One random permutation of the L positions per sample: (B, L) long."""
-        return torch.rand(bsz, self.seq_len, device=device).argsort(dim=1)
+    def random_orders(self, bsz: int, device, last: torch.Tensor = None) -> torch.Tensor:
+        """One random permutation of the L positions per sample: (B, L) long. `last` (B, L)
+        bool: those positions go to the end of each order (in random order too); the same
+        random numbers are drawn either way, so without it nothing changes."""
+        keys = torch.rand(bsz, self.seq_len, device=device)
+        if last is not None:
+            keys = keys + 2.0 * last  # keys are in [0, 1): the marked ones sort after the rest
+        return keys.argsort(dim=1)
 
     def sample_mask_ratio(self) -> float:
         """Mask ratio ~ N(1, 0.25) truncated to [mask_ratio_min, 1], by inverse-CDF sampling."""
@@ -222,20 +227,30 @@ class EAR(nn.Module):
         return self.head(target, z)
 
     # ----- generation ---------------------------------------------------------------------
-    def masked_after_step(self, step: int, num_iter: int, num_masked: int) -> int:
-        """Tokens still masked after `step` (cosine schedule), at least 1 and fewer than now."""
-        n = math.floor(self.seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))
+    def masked_after_step(self, step: int, num_iter: int, num_masked: int, total: int = None) -> int:
+        """Tokens still masked after `step` (cosine schedule over `total` tokens to generate,
+        default all L), at least 1 and fewer than now."""
+        total = self.seq_len if total is None else total
+        n = math.floor(total * math.cos(math.pi / 2 * (step + 1) / num_iter))
         return max(1, min(num_masked - 1, n))
 
     @torch.no_grad()
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0,
                       cfg_schedule: str = "linear", labels: torch.Tensor = None,
-                      infer_temperature: float = 1.0, progress: bool = False) -> torch.Tensor:
+                      infer_temperature: float = 1.0, progress: bool = False,
+                      known: torch.Tensor = None, known_mask: torch.Tensor = None) -> torch.Tensor:
         """Generate latents (B, C, H, W). Call in eval mode (temperature acts only there).
 
         labels: (B,) class ids, or None for unconditional samples (then guidance is a no-op and
-        is skipped). cfg: guidance scale, applied per step as `cfg_schedule` says. Under
-        --compile one compilation serves every temperature, cfg and batch size (see dynamic_rows).
+        is skipped). cfg: guidance scale, applied per step as `cfg_schedule` says (linear: it
+        grows with the share of the L tokens known so far). Under --compile one compilation
+        serves every temperature, cfg and batch size (see dynamic_rows).
+
+        Completing a partial image (editing): `known` (B, C, H, W) latents and `known_mask`
+        (B, L) bool over the token grid, the same number of True per row. Known tokens are in
+        place from the start and never masked; the random order and the cosine schedule run
+        over the U unknown tokens only, in min(num_iter, U) steps. Nothing known: the ordinary
+        sampler, bit for bit under the same seed; everything known: `known` comes back.
         """
         if cfg_schedule not in CFG_SCHEDULES:
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
@@ -246,22 +261,30 @@ class EAR(nn.Module):
         if labels is not None:
             labels = labels.to(device)
             self.check_labels(labels, bsz)
+        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
+        unknown = self.seq_len
+        if known is not None or known_mask is not None:
+            unknown = self.check_known(known, known_mask, bsz)
+            known, known_mask = known.to(device), known_mask.to(device)
+            if unknown == 0:
+                return known.clone()
+            tokens = torch.where(known_mask[..., None], self.patchify(known.to(tokens.dtype)), tokens)
         guided = cfg != 1.0 and labels is not None
         cls_emb = self.class_embedding(labels, bsz, device)
         if guided:
             cls_emb = torch.cat([cls_emb, self.fake_latent.expand(bsz, -1)])
-        tokens = torch.zeros(bsz, self.seq_len, self.token_embed_dim, device=device)
-        orders = self.random_orders(bsz, device)
+        orders = self.random_orders(bsz, device, last=known_mask)  # the unknown tokens first
         # A tensor, made on the device once: compiled heads take it as an input instead of
         # specialising on the number (one graph for every --infer_temperature).
         temperature = torch.full((), float(infer_temperature), device=device)
-        num_masked = self.seq_len
+        num_iter = min(num_iter, unknown)
+        num_masked = unknown
         for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
             mask = self.mask_by_order(orders, num_masked)
             x, m = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
             z = self.forward_transformer(*dynamic_rows(x, cls_emb, m))
             last = step == num_iter - 1
-            remaining = self.masked_after_step(step, num_iter, num_masked)
+            remaining = self.masked_after_step(step, num_iter, num_masked, unknown)
             # Fill order[remaining:num_masked] (on the last step everything still masked).
             index = orders[:, (0 if last else remaining):num_masked]
             n_fill = index.shape[1]
@@ -275,6 +298,22 @@ class EAR(nn.Module):
                             new.reshape(bsz, n_fill, -1))
             num_masked = 0 if last else remaining
         return self.unpatchify(tokens)
+
+    def check_known(self, known: torch.Tensor, known_mask: torch.Tensor, bsz: int) -> int:
+        """The number of unknown tokens per row, after checking `known` and `known_mask`."""
+        if known is None or known_mask is None:
+            raise ValueError("known and known_mask go together: pass both or neither")
+        self.check_inputs(known, None)
+        if known.shape[0] != bsz or known_mask.shape != (bsz, self.seq_len) \
+                or known_mask.dtype != torch.bool:
+            raise ValueError(f"known_mask must be a ({bsz}, {self.seq_len}) bool tensor over the "
+                             f"token grid and known {bsz} latents; got {tuple(known_mask.shape)} "
+                             f"{known_mask.dtype} and {known.shape[0]}")
+        counts = known_mask.sum(dim=1).unique()
+        if len(counts) > 1:  # one schedule (and one guidance scale) per step for the whole batch
+            raise ValueError(f"known_mask: every row must keep the same number of tokens, got "
+                             f"{counts.tolist()}; sample rows with other counts in another call")
+        return self.seq_len - int(counts[0])
 
 
 def dynamic_rows(*tensors: torch.Tensor) -> tuple:

@@ -57,6 +57,10 @@ class VAETokenizer:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.from_moments(self.moments(images))
 
+    def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> tokens of the posterior mean (no draw): what an edit keeps of an image."""
+        return DiagonalGaussian(self.moments(images)).mean * LATENT_SCALE
+
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Tokens (B, C, h, w) -> images (B, 3, 16h, 16w), roughly in [-1, 1]."""
         latents = (tokens / LATENT_SCALE).contiguous(memory_format=self.layout)
@@ -78,6 +82,8 @@ class PixelTokenizer:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images
+
+    encode_mean = encode  # the pixels are the tokens: nothing to draw
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.clamp(-1, 1)

@@ -308,5 +308,5 @@ def test_exported_weights_sample_from_a_folder_and_from_the_hub(trained, random_
     export_ear.main(["--resume", str(ckpt_dir), "--out", str(tmp_path / "export2"),
                      "--push_to_hub", "someone/ear-tiny"])
     assert uploads == [("create", "someone/ear-tiny", True),
-                       ("upload", "someone/ear-tiny", ["config.json", "model.safetensors"])]
+                       ("upload", "someone/ear-tiny", ["README.md", "config.json", "model.safetensors"])]
     assert "pushed to https://hub.example/commit/1" in capsys.readouterr().out

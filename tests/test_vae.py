@@ -81,6 +81,21 @@ def test_encode_decode_shapes(vae, size):
         assert vae.decode(post.sample()).shape == (1, 3, size, size)
 
 
+def test_an_edit_keeps_the_posterior_mean(vae):
+    """Editing encodes the kept region with the posterior mean (no draw), as MAR's cache keeps
+    the moments; training's encode draws from the posterior."""
+    from models.tokenizer import VAETokenizer
+    from models.vae import LATENT_SCALE
+    tokenizer = VAETokenizer(None, load=False)
+    tokenizer.vae = vae
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        mean = vae.encode(images).mode() * LATENT_SCALE
+        assert torch.equal(tokenizer.encode_mean(images), mean)
+        assert torch.equal(tokenizer.encode_mean(images), tokenizer.encode_mean(images))
+        assert not torch.equal(tokenizer.encode(images), mean)
+
+
 def test_posterior_clamps_log_variance():
     from models.vae import DiagonalGaussian
     moments = torch.cat([torch.zeros(1, 2, 1, 1), torch.tensor([[[[-100.0]], [[100.0]]]])], dim=1)

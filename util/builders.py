@@ -101,6 +101,17 @@ def build_model(settings) -> EAR:
         raise SystemExit(f"error: {e}") from e
 
 
+def model_labels(class_ids: list, settings) -> torch.Tensor:
+    """The model's labels for --class_ids, which are the dataset's class ids: for a model
+    trained on `--classes`, its label i is the dataset's class classes[i]."""
+    classes = getattr(settings, "dataset_classes", None) or list(range(settings.class_num))
+    missing = [c for c in class_ids if c not in classes]
+    if missing:
+        raise SystemExit(f"error: --class_ids {missing} are not among the checkpoint's classes "
+                         f"({classes if len(classes) <= 20 else f'0..{len(classes) - 1}'})")
+    return torch.tensor([classes.index(c) for c in class_ids])
+
+
 def make_tokenizer(settings, device, load: bool = True):
     """The tokenizer the flags name (models/tokenizer.py), bad combinations as a clear exit."""
     settings = vars(settings) if isinstance(settings, argparse.Namespace) else settings
