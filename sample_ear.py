@@ -152,8 +152,8 @@ def edit_npz(model, tokenizer, settings, args, device) -> str:
 def main(args, given: dict) -> None:
     device = torch.device(args.device if args.device != "cuda" or torch.cuda.is_available() else "cpu")
     set_up_cuda(device, tf32=True)  # as main_ear.py --evaluate samples by default (--tf32)
-    torch.manual_seed(args.seed)
     model, tokenizer, labels, settings, epoch = set_up(args, given, device)
+    torch.manual_seed(args.seed)  # after building the network: its initial draws do not count
     if args.edit or args.edit_npz:
         with one_line_errors():
             done = (edit_image if args.edit else edit_npz)(

@@ -8,8 +8,8 @@ right half, or the centre 4x4 square (8, 8 and 4 of the 16 tokens). Each is comp
 (what sample_ear.py --edit_npz runs) (a) as its own class and (b) as another class (image i of
 class y as class (y + 1 + i mod 9) mod 10, so every other class equally often), at cfg 1 and 2.
 Scored by the quick start's classifier: accuracy for the requested class, Frechet distance to
-the held-out real digits, and the share of completions whose kept pixels are exactly the
-input's. Baseline: a digit of the requested class drawn from nothing (the ordinary sampler)
+the held-out real digits; also the mean absolute difference from the real digit over the
+regenerated pixels, and the share of completions whose kept pixels are exactly the input's. Baseline: a digit of the requested class drawn from nothing (the ordinary sampler)
 with the kept pixels pasted over it, which is what editing without the model's help gives.
 Writes edit.json, edit.md (the table) and edit.png (one row per case) to --out.
 """
@@ -49,8 +49,12 @@ def baseline(model, tokenizer, images, keep, labels, args, device) -> torch.Tens
 
 def score(done: np.ndarray, images: np.ndarray, keep: np.ndarray, requested: np.ndarray,
           classifier: DigitClassifier) -> dict:
+    """The classifier's scores, the share of completions whose kept pixels are the input's, and
+    the mean absolute difference from the real digit over the regenerated pixels (0-255 scale:
+    how well the completion continues the kept part; meaningful for the digit's own class)."""
     exact = (done == images) | ~keep
-    return {**classifier.quality(done, requested),
+    error = np.abs(done.astype(float) - images)[~keep].mean()
+    return {**classifier.quality(done, requested), "region_error": float(error),
             "kept_exact": float(exact.reshape(len(done), -1).all(axis=1).mean())}
 
 
@@ -94,13 +98,14 @@ def main() -> None:
                         pictures.append(np.concatenate([shown, done[::opts.per_class]]))
             print(json.dumps(rows[-4:]), flush=True)
     (opts.out / "edit.json").write_text(json.dumps({"epoch": epoch, "rows": rows}, indent=2))
-    lines = ["| region | as | method | accuracy cfg 1 / 2 | Frechet cfg 1 / 2 | kept pixels exact |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| region | as | method | accuracy cfg 1 / 2 | Frechet cfg 1 / 2 | error in the region "
+             "cfg 1 / 2 | kept pixels exact |", "|---|---|---|---|---|---|---|"]
     for i in range(0, len(rows), 4):
         for method in ("editing", "baseline"):
             one, two = (r for r in rows[i:i + 4] if r["method"] == method)
             lines.append(f"| {one['region']} | {one['case']} | {method} | {one['accuracy']:.3f} / "
                          f"{two['accuracy']:.3f} | {one['frechet']:.2f} / {two['frechet']:.2f} | "
+                         f"{one['region_error']:.1f} / {two['region_error']:.1f} | "
                          f"{one['kept_exact']:.2f} / {two['kept_exact']:.2f} |")
     (opts.out / "edit.md").write_text("\n".join(lines) + "\n")
     # One row per case: the ten inputs (region dimmed) above their completions at cfg 2.
