@@ -3,6 +3,11 @@
     python benchmarks/finetune_digits.py                 # 3 seeds; about 90 minutes on 2 CPU cores
     python benchmarks/finetune_digits.py --seeds 0 --budgets 1 --pretrain_epochs 1 \\
         --out /tmp/ft                                    # smoke test, a minute
+    # the remedies of docs/finetune.md, at 20 epochs, beside the default:
+    python benchmarks/finetune_digits.py --budgets 20 --variants scratch fixed warmup --name remedies \\
+        --extra 'scratchwarm=--ema_warmup on'
+    python benchmarks/finetune_digits.py --budgets 20 --seeds 0 --variants warmup --name remedies_seed0 \\
+        --extra 'freeze=--finetune {pre} --freeze transformer' 'drop=--finetune {pre} --label_drop_prob 0.2'
 
 Through the user's commands only (`main_ear.py @configs/digits_quickstart.args`), per seed:
 1. pre-train on digits 0-4 (`--classes 0,1,2,3,4 --class_num 5`, --pretrain_epochs, that seed);
@@ -82,10 +87,10 @@ def class_rows(out: Path) -> dict:
             "fake_latent_norm": fake.norm().item()}
 
 
-def spread(values: list) -> str:
-    mean = statistics.fmean(values)
+def spread(values: list, digits: int) -> str:
+    """Mean ± sample standard deviation over the seeds."""
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}" if mean < 10 else f"{mean:.1f} ± {sd:.1f}"
+    return f"{statistics.fmean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def table(runs: list, variants: list, budgets: list) -> list:
@@ -96,8 +101,8 @@ def table(runs: list, variants: list, budgets: list) -> list:
             cell = [r for r in runs if r["epochs"] == epochs and r["variant"] == name]
             if not cell:
                 continue
-            values = [spread([r[cfg][m] for r in cell]) for m in ("accuracy", "frechet")
-                      for cfg in ("cfg1", "cfg2")]
+            values = [spread([r[cfg][m] for r in cell], digits)
+                      for m, digits in (("accuracy", 3), ("frechet", 2)) for cfg in ("cfg1", "cfg2")]
             lines.append(f"| {epochs} | {name} | " + " | ".join(values) + f" | {len(cell)} |")
     return lines
 

@@ -86,8 +86,7 @@ def test_a_new_class_count_reinitialises_only_the_class_embedding(reference_chec
             assert torch.equal(state[key], value), key  # the EMA weights, loaded exactly
     assert torch.equal(state["class_emb.weight"], fresh)  # as a new model's
     assert state["class_emb.weight"].shape == (5, 32)
-    assert notes == ["class_emb.weight re-initialised, --new_class_init normal (the source's 3 "
-                     "classes, 5 classes here)"]
+    assert notes == ["class_emb.weight re-initialised (the source's 3 classes, 5 classes here)"]
     assert "[model_ema]" in source and epoch == 0
     args.finetune_raw = True
     load_finetune_weights(model, args)

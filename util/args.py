@@ -18,8 +18,6 @@ from util.signals import DEFAULT_SAVE_SIGNALS
 PRECISIONS = ("fp32", "bf16", "fp16")
 # What --freeze can hold fixed (util/finetune.py `freeze`).
 FREEZE_CHOICES = ("none", "transformer")
-# How --finetune starts the rows of classes the source did not have (util/finetune.py).
-NEW_CLASS_INITS = ("normal", "old_rows")
 
 
 class ArgsFileParser(argparse.ArgumentParser):
@@ -295,10 +293,6 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "--class_num and --img_size may differ. A checkpoint in --resume wins")
     g.add_argument("--finetune_raw", action="store_true",
                    help="with --finetune: the raw weights instead of the EMA")
-    g.add_argument("--new_class_init", default="normal", choices=NEW_CLASS_INITS,
-                   help="with --finetune on other classes: start the class embedding as a new "
-                        "model's (normal: N(0, 0.02)) or from the per-dimension mean and spread "
-                        "of the source's class rows (old_rows)")
     g.add_argument("--freeze", default="none", choices=FREEZE_CHOICES,
                    help="transformer: train only the head and the class embedding")
     g.add_argument("--save_last_freq", type=int, default=5,

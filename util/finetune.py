@@ -21,15 +21,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from util.args import FREEZE_CHOICES, NEW_CLASS_INITS
+from util.args import FREEZE_CHOICES
 from util.settings import check_finetune_config
 from util.weights import check_weights
 
 POS_EMBED = "decoder_pos_embed_learned"
 CLASS_EMBED = "class_emb.weight"
-INIT_STD = 0.02  # a new model's class rows: N(0, INIT_STD) (models/ear.py initialize_weights)
-
-
 def interpolate_pos_embed(pos: torch.Tensor, buffer_size: int, side: int) -> torch.Tensor:
     """Position embedding (1, buffer + s*s, D) -> (1, buffer + side*side, D): the token grid's
     rows resized as a (D, s, s) image with bicubic interpolation, the buffer rows kept. At the
@@ -47,27 +44,9 @@ def interpolate_pos_embed(pos: torch.Tensor, buffer_size: int, side: int) -> tor
     return torch.cat([pos[:, :buffer_size], resized], dim=1)
 
 
-def new_class_rows(old: torch.Tensor, fresh: torch.Tensor, how: str) -> torch.Tensor:
-    """The class embedding (K', D) of a fine-tuning run whose classes differ from the source's.
-    old (K, D): the source's rows; fresh (K', D): a new model's, N(0, 0.02) under the run's seed.
-    `normal`: the fresh rows. `old_rows`: each dimension drawn from a normal with the mean and
-    standard deviation of that dimension over the old rows (the fresh draw, rescaled), so the
-    new classes start where the pre-trained Transformer expects a class, and apart from one
-    another as far as the old classes are."""
-    if how == "normal":
-        return fresh
-    if how != "old_rows":
-        raise ValueError(f"--new_class_init {how!r}: expected one of {', '.join(NEW_CLASS_INITS)}")
-    if len(old) < 2:
-        raise ValueError(f"--new_class_init old_rows: the source has {len(old)} class row; "
-                         "a spread needs two or more (use --new_class_init normal)")
-    std, mean = torch.std_mean(old.float(), dim=0)
-    return (mean + std * fresh.float() / INIT_STD).to(fresh.dtype)
-
-
 def adapt_state_dict(model: nn.Module, state: dict, saved, args, source) -> tuple:
     """(the source's state dict fitted to `model`, notes saying what was changed). `model` is
-    freshly initialised: its class embedding is what a re-initialised one starts from."""
+    freshly initialised: its class embedding is what a re-initialised one is."""
     target = model.state_dict()
     state, notes = dict(state), []
     old_classes = (saved or {}).get("dataset_classes")
@@ -76,10 +55,8 @@ def adapt_state_dict(model: nn.Module, state: dict, saved, args, source) -> tupl
                                  or (old_classes and new_classes and old_classes != new_classes)):
         before = f"classes {old_classes}" if old_classes else f"{state[CLASS_EMBED].shape[0]} classes"
         after = f"classes {new_classes}" if new_classes else f"{args.class_num} classes"
-        how = getattr(args, "new_class_init", "normal")
-        state[CLASS_EMBED] = new_class_rows(state[CLASS_EMBED], target[CLASS_EMBED], how)
-        notes.append(f"{CLASS_EMBED} re-initialised, --new_class_init {how} (the source's "
-                     f"{before}, {after} here)")
+        state[CLASS_EMBED] = target[CLASS_EMBED]
+        notes.append(f"{CLASS_EMBED} re-initialised (the source's {before}, {after} here)")
     if POS_EMBED in state and state[POS_EMBED].shape != target[POS_EMBED].shape:
         old_rows = state[POS_EMBED].shape[1] - args.buffer_size
         state[POS_EMBED] = interpolate_pos_embed(state[POS_EMBED], args.buffer_size, model.seq_h)
