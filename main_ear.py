@@ -25,9 +25,9 @@ import torch
 from engine_ear import (MetricsUnavailable, NonFiniteLoss, TokenBatches, all_ranks_finite,
                         check_metric_inputs, check_room_for_samples, evaluate, train_one_epoch)
 from util.args import architecture_flags, train_parser
-from util.builders import (TrainState, build_dataset, build_loader, build_metrics, build_model,
-                           build_train_state, class_folders, make_tokenizer, resolve_args,
-                           resolve_classes, set_loader_epoch)
+from util.builders import (TrainState, build_dataset, build_ema, build_loader, build_metrics,
+                           build_model, build_train_state, class_folders, make_tokenizer,
+                           resolve_args, resolve_classes, set_loader_epoch)
 from util.checkpoint import CHECKPOINT_NAME, open_checkpoint, save_training_checkpoint
 from util.distributed import (DistInfo, MainRankFailed, ReplicasDiffer, all_gather_objects,
                               check_replicas_in_sync, cleanup, init_distributed,
@@ -36,7 +36,7 @@ from util.errors import one_line_errors
 from util.fileio import atomic_write, check_writable
 from util.finetune import freeze, load_finetune_weights
 from util.loggers import Loggers
-from util.optim import EMA, EMA_WARM, load_optimizer_state
+from util.optim import EMA_WARM, load_optimizer_state
 from util.precision import describe_precision, set_up_cuda
 from util.pretrained import download_on_main_first, load_sampling_weights
 from util.resumable import EpochPosition, Preempted, SaveRequests, rng_state, set_rng_state
@@ -72,7 +72,7 @@ def resume(state: TrainState, args, info: DistInfo) -> EpochPosition:
         # Without the count (a run saved with the warm-up off) the average is already long.
         state.ema.updates = ckpt.get("ema_updates", EMA_WARM)
     else:  # a checkpoint without EMA: restart the average from the loaded weights
-        state.ema = EMA(state.model, args.ema_rate, args.ema_warmup == "on")
+        state.ema = build_ema(state.model, args)
     if "optimizer" in ckpt:
         load_optimizer_state(state.optimizer, ckpt["optimizer"], f"{path} [optimizer]",
                              "resume with the --freeze it was saved with, or start from its "
@@ -119,7 +119,7 @@ def finetune(state: TrainState, args, info: DistInfo) -> None:
     fresh optimizer, loss scaler, epoch and EMA (started from the loaded weights)."""
     download_on_main_first(args.finetune, args.revision, info.is_main, "--finetune")
     source, epoch, notes = load_finetune_weights(state.model, args)
-    state.ema = EMA(state.model, args.ema_rate, args.ema_warmup == "on")
+    state.ema = build_ema(state.model, args)
     if info.is_main:
         print(f"fine-tuning from {source} (its epoch {epoch}); optimizer, epoch and EMA start anew")
         for note in notes:

@@ -156,8 +156,8 @@ def main(args, given: dict) -> None:
     torch.manual_seed(args.seed)  # after building the network: its initial draws do not count
     if args.edit or args.edit_npz:
         with one_line_errors():
-            done = (edit_image if args.edit else edit_npz)(
-                model, tokenizer, *([labels] if args.edit else []), settings, args, device)
+            done = (edit_image(model, tokenizer, labels, settings, args, device) if args.edit
+                    else edit_npz(model, tokenizer, settings, args, device))
         print(f"{settings.model} ({settings.head} head), epoch {epoch} checkpoint, cfg {args.cfg}, "
               f"temperature {args.infer_temperature}, {args.num_iter} steps: {done}")
         return

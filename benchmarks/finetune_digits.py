@@ -74,17 +74,10 @@ def scores(out: Path) -> dict:
 
 
 def class_rows(out: Path) -> dict:
-    """What the evaluated (EMA) class embedding looks like: mean row norm, mean distance between
-    rows, and distance of the rows from `fake_latent` (the unconditional embedding)."""
-    import torch
+    """What the evaluated (EMA) class embedding looks like (finetune_probe.embedding)."""
+    from benchmarks.finetune_probe import embedding
     from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
-    ema = load_training_checkpoint(out / CHECKPOINT_NAME)["model_ema"]
-    rows, fake = ema["class_emb.weight"].float(), ema["fake_latent"].float()
-    k = len(rows)
-    return {"row_norm": rows.norm(dim=1).mean().item(),
-            "between_rows": (torch.cdist(rows, rows).sum() / (k * (k - 1))).item(),
-            "to_fake_latent": (rows - fake).norm(dim=1).mean().item(),
-            "fake_latent_norm": fake.norm().item()}
+    return embedding(load_training_checkpoint(out / CHECKPOINT_NAME)["model_ema"])
 
 
 def spread(values: list, digits: int) -> str:

@@ -36,11 +36,14 @@ def samples(model, labels: torch.Tensor, cfg: float, seed: int) -> np.ndarray:
 
 
 def embedding(state: dict) -> dict:
+    """The class embedding of a state dict: mean row norm, mean distance between rows, mean
+    distance of the rows from `fake_latent` (the unconditional embedding), and its norm."""
     rows, fake = state["class_emb.weight"].float(), state["fake_latent"].float()
     k = len(rows)
     return {"row_norm": rows.norm(dim=1).mean().item(),
             "between_rows": (torch.cdist(rows, rows).sum() / (k * (k - 1))).item(),
-            "to_fake_latent": (rows - fake).norm(dim=1).mean().item()}
+            "to_fake_latent": (rows - fake).norm(dim=1).mean().item(),
+            "fake_latent_norm": fake.norm().item()}
 
 
 def probe(folder: Path, weights: str, per_class: int, classifier: DigitClassifier) -> dict:

@@ -276,8 +276,13 @@ def build_train_state(model: EAR, args, info: DistInfo) -> TrainState:
         ddp = DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         train_model = ddp
-    ema = EMA(model, args.ema_rate, args.ema_warmup == "on")  # ... so the EMA, copied after it, is the same everywhere
+    ema = build_ema(model, args)  # ... so the EMA, copied after it, is the same everywhere
     return TrainState(model, train_model, ddp, ema, optimizer, scaler, precision, info.device)
+
+
+def build_ema(model: nn.Module, args) -> EMA:
+    """The EMA of `model` that --ema_rate and --ema_warmup describe."""
+    return EMA(model, args.ema_rate, args.ema_warmup == "on")
 
 
 def build_metrics(args, info: DistInfo):
