@@ -27,18 +27,24 @@ from util.resumable import EpochPosition, Preempted, SaveRequests
 
 
 class TokenBatches:
-    """Turns a loader batch into (token map (B, C, h, w), labels (B,)) on the device: cached
-    moments through `tokenizer.from_moments`, images through `tokenizer.encode`."""
+    """Turns a loader batch into (token map (B, C, h, w), labels (B,), targets) on the device:
+    cached moments through `tokenizer.from_moments`, images through `tokenizer.encode`. The
+    targets are None (the tokens are their own), unless the loss takes `targets` > 1 draws per
+    token or the tokenizer dequantises: then (B, targets, C, h, w) from the tokenizer, drawn
+    from this rank's generator after the tokens (so a resumed run draws the same)."""
 
-    def __init__(self, tokenizer, cached: bool, device: torch.device):
-        self.tokenizer, self.cached, self.device = tokenizer, cached, device
+    def __init__(self, tokenizer, cached: bool, device: torch.device, targets: int = 1):
+        self.tokenizer, self.cached, self.device, self.targets = tokenizer, cached, device, targets
 
     @torch.no_grad()
     def __call__(self, batch):
         data = batch[0].to(self.device, non_blocking=True)
         labels = batch[1].to(self.device, non_blocking=True)
+        if self.targets > 1 or getattr(self.tokenizer, "dequantize", 0):
+            tokens, targets = self.tokenizer.tokens_and_targets(data, self.cached, self.targets)
+            return tokens, labels, targets
         to_tokens = self.tokenizer.from_moments if self.cached else self.tokenizer.encode
-        return to_tokens(data), labels
+        return to_tokens(data), labels, None
 
 
 class NonFiniteLoss(RuntimeError):
@@ -76,11 +82,13 @@ def optimizer_step(state: TrainState, micro_batches, args, requests: SaveRequest
     """
     k = len(micro_batches)
     loss_sum = torch.zeros((), device=state.device)
-    for i, (x, labels) in enumerate(micro_batches):
+    for i, (x, labels, targets) in enumerate(micro_batches):
         sync = state.ddp is None or i == k - 1
         with contextlib.nullcontext() if sync else state.ddp.no_sync():
             with autocast(state.device, state.precision):
-                loss = state.train_model(x, labels)
+                # Without targets, the reference's call: the model's own tokens are the targets.
+                loss = (state.train_model(x, labels) if targets is None
+                        else state.train_model(x, labels, targets))
             state.scaler.scale(loss / k).backward()
         loss_sum += loss.detach().float()
     loss = loss_sum / k

@@ -364,6 +364,16 @@ def describe(state: TrainState, frozen: list, start: EpochPosition, args, info: 
           f"{info.world_size} process(es) on {info.device}; "
           f"{describe_precision(state.precision, info.device, args.tf32)}; lr {args.lr:.2e}; "
           f"epochs {start.epoch}..{args.epochs - 1}")
+    if getattr(model.head, "many_targets", False):
+        if args.target_dequantize:
+            targets = (f"{args.score_targets} target(s): the pixels plus uniform noise of width "
+                       f"{args.target_dequantize}")
+        elif args.score_targets > 1:
+            targets = f"{args.score_targets} targets drawn from the posterior"
+        else:
+            targets = "the token itself as target"
+        print(f"energy score: alpha {args.alpha}, tau {args.train_temperature}; per masked token "
+              f"{args.score_batch_mul} x {args.score_samples} generator draws, {targets}")
 
 
 def run_training(args, info: DistInfo) -> None:
@@ -376,7 +386,7 @@ def run_training(args, info: DistInfo) -> None:
     if info.is_main:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
         forget_logged_epochs_after(Path(args.output_dir) / "log.txt", start.epoch - 1)
-    batches = TokenBatches(tokenizer, args.use_cached, info.device)
+    batches = TokenBatches(tokenizer, args.use_cached, info.device, args.score_targets)
     try:
         train(state, loader, batches, tokenizer.decode, metrics, start, args, info)
     except Preempted as e:

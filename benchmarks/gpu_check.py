@@ -83,7 +83,7 @@ def peak_flops(device: torch.device) -> tuple:
 def random_batch(args, device):
     side = args.img_size // args.vae_stride
     tokens = torch.randn(args.batch_size, args.vae_embed_dim, side, side, device=device)
-    return [(tokens, torch.randint(0, args.class_num, (args.batch_size,), device=device))]
+    return [(tokens, torch.randint(0, args.class_num, (args.batch_size,), device=device), None)]
 
 
 def step_flops(args, device, steps: int = 4) -> float:

@@ -49,7 +49,7 @@ def training_setup(argv) -> tuple:
     side = args.img_size // args.vae_stride
     latents = torch.randn(args.batch_size, args.vae_embed_dim, side, side, device=info.device)
     labels = torch.randint(0, args.class_num, (args.batch_size,), device=info.device)
-    return args, state, [(latents, labels)]
+    return args, state, [(latents, labels, None)]
 
 
 def measure(argv) -> dict:

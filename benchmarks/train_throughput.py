@@ -35,7 +35,7 @@ def main() -> None:
     state = build_train_state(model, args, info)
     side = args.img_size // args.vae_stride
     shape = (args.batch_size, args.vae_embed_dim, side, side)
-    micro = [(torch.randn(shape, device=device), torch.randint(0, args.class_num, (args.batch_size,), device=device))
+    micro = [(torch.randn(shape, device=device), torch.randint(0, args.class_num, (args.batch_size,), device=device), None)
              for _ in range(args.accumulation_steps)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

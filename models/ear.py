@@ -40,7 +40,8 @@ class EAR(nn.Module):
             activations in backward to save memory.
         head: the output head's name in models/heads.py (`energy`: the paper's generator).
         **head_settings: the head's own settings, e.g. the energy head's scoreloss_d,
-            scoreloss_w, noise_channels, alpha, train_temperature, score_batch_mul.
+            scoreloss_w, noise_channels, alpha, train_temperature, score_batch_mul,
+            score_samples.
     """
     # {argument: (help, shapes the weights)} for the settings that are command-line flags; the
     # defaults are the signature's. A checkpoint must agree on the weight-shaping ones.
@@ -203,6 +204,15 @@ class EAR(nn.Module):
         if labels is not None:
             self.check_labels(labels, imgs.shape[0])
 
+    def check_targets(self, targets: torch.Tensor, imgs: torch.Tensor) -> None:
+        if not getattr(self.head, "many_targets", False):
+            raise ValueError(f"the {type(self.head).__name__} head takes one target per token: "
+                             "several (--score_targets) are the energy head's")
+        if targets.dim() != 5 or targets.shape[0] != imgs.shape[0] \
+                or targets.shape[2:] != imgs.shape[1:]:
+            raise ValueError(f"targets must have shape ({imgs.shape[0]}, M, "
+                             f"{', '.join(map(str, imgs.shape[1:]))}), got {tuple(targets.shape)}")
+
     def check_labels(self, labels: torch.Tensor, bsz: int) -> None:
         if labels.shape != (bsz,):
             raise ValueError(f"labels must have shape ({bsz},), got {tuple(labels.shape)}")
@@ -210,9 +220,16 @@ class EAR(nn.Module):
             raise ValueError(f"labels must be in [0, {self.class_num}), got values in "
                              f"[{int(labels.min())}, {int(labels.max())}]")
 
-    def forward(self, imgs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Training loss for scaled latents imgs (B, C, H, W) and class labels (B,)."""
+    def forward(self, imgs: torch.Tensor, labels: torch.Tensor,
+                targets: torch.Tensor = None) -> torch.Tensor:
+        """Training loss for scaled latents imgs (B, C, H, W) and class labels (B,).
+
+        The masked tokens' targets are imgs' own, unless `targets` (B, M, C, H, W) gives M
+        draws of each latent map (training's --score_targets: posterior draws); the
+        Transformer sees imgs either way. Only a head with `many_targets` takes them."""
         self.check_inputs(imgs, labels)
+        if targets is not None:
+            self.check_targets(targets, imgs)
         bsz = imgs.shape[0]
         tokens = self.patchify(imgs)
         orders = self.random_orders(bsz, imgs.device)
@@ -223,7 +240,11 @@ class EAR(nn.Module):
         # so the head only sees rows that enter the loss.
         index = orders[:, :num_masked, None]
         z = z.gather(1, index.expand(-1, -1, z.shape[-1])).flatten(0, 1)
-        target = tokens.gather(1, index.expand(-1, -1, tokens.shape[-1])).flatten(0, 1)
+        if targets is None:
+            target = tokens.gather(1, index.expand(-1, -1, tokens.shape[-1])).flatten(0, 1)
+        else:  # (B, M, C, H, W) -> (B, L, M, D) -> the masked rows' M targets (B * n, M, D)
+            many = self.patchify(targets.flatten(0, 1)).unflatten(0, targets.shape[:2]).transpose(1, 2)
+            target = many.gather(1, index[..., None].expand(-1, -1, *many.shape[2:])).flatten(0, 1)
         return self.head(target, z)
 
     # ----- generation ---------------------------------------------------------------------

@@ -105,10 +105,12 @@ def guided_gaussian_sample(loc_c: torch.Tensor, scale_c: torch.Tensor, loc_u: to
 class MixtureMLP(nn.Module):
     """z (N, C) -> mixture parameters: `depth` pre-norm residual MLP blocks of `width` (none: a
     single linear map of z, as GIVT), then a zero-initialised Linear to k logits, k means and
-    k raw scales (GIVT's output layer)."""
+    k raw scales (GIVT's output layer). `init_spread` > 0 (ours) starts the component means at
+    offsets drawn from N(0, init_spread^2), one per component and channel, instead of all at 0."""
     grad_checkpointing = False  # EAR's flag: recompute the residual blocks in backward
 
-    def __init__(self, z_dim: int, token_dim: int, components: int, depth: int, width: int):
+    def __init__(self, z_dim: int, token_dim: int, components: int, depth: int, width: int,
+                 init_spread: float = 0.0):
         super().__init__()
         self.components, self.token_dim = components, token_dim
         self.input_proj = nn.Linear(z_dim, width) if depth else nn.Identity()
@@ -124,6 +126,10 @@ class MixtureMLP(nn.Module):
         # GIVT zero-initialises the output layer: at the start every component is N(0, I)
         # (raw scale 0 -> squareplus 1) with equal weights, whatever z is.
         nn.init.zeros_(self.out.weight)
+        if init_spread:
+            # Identical components get identical gradients and only rounding separates them:
+            # distinct starting means break the tie from the first step (weights stay equal).
+            nn.init.normal_(self.out.bias[components:components * (1 + token_dim)], std=init_spread)
 
     def forward(self, z: torch.Tensor) -> tuple:
         """-> logits (N, k), means (N, k, D), scales (N, k, D) (squareplus, floored at 1e-6)."""
@@ -161,6 +167,9 @@ class GMMLoss(nn.Module):
             none, as GIVT on continuous VAE latents. Without it the log score on such data has
             no minimum: the components narrow onto the grid points until the scales hit the
             floor, and the loss falls without bound.
+        gmm_init_spread: ours. 0 (default): GIVT's zero-initialised output layer, every
+            component the same N(0, I) at the start. Above 0: the component means start at
+            offsets drawn from N(0, gmm_init_spread^2) (see docs/heads.md: whether they mix).
     Loss: the mixture's negative log-likelihood of each token (nats, summed over its channels),
     averaged over the masked rows.
     """
@@ -176,6 +185,8 @@ class GMMLoss(nn.Module):
                          "mix the hidden states, as the energy head", False),
         "gmm_dequantize": ("width of the uniform noise added to the training targets, for data "
                            "on a grid (digits: 0.125); 0: none, as GIVT", False),
+        "gmm_init_spread": ("std of the component means' random starting offsets (0: GIVT's "
+                            "zero-initialised output layer, identical components)", False),
     }
     SAMPLING = ("gmm_temperature_probs", "gmm_guidance")  # named in sample folders and results
     SIZES = {"ear_base": dict(gmm_d=6, gmm_w=1024),
@@ -187,7 +198,8 @@ class GMMLoss(nn.Module):
 
     def __init__(self, token_dim: int, z_dim: int, gmm_components: int = 16, gmm_d: int = 0,
                  gmm_w: int = 1024, gmm_temperature_probs: float = 1.0,
-                 gmm_guidance: str = "density", gmm_dequantize: float = 0.0):
+                 gmm_guidance: str = "density", gmm_dequantize: float = 0.0,
+                 gmm_init_spread: float = 0.0):
         super().__init__()
         if gmm_components < 1:
             raise ValueError(f"gmm_components must be >= 1, got {gmm_components}")
@@ -195,9 +207,11 @@ class GMMLoss(nn.Module):
             raise ValueError(f"gmm_guidance must be one of {self.GUIDANCE}, got {gmm_guidance!r}")
         if gmm_dequantize < 0:
             raise ValueError(f"gmm_dequantize must be >= 0, got {gmm_dequantize}")
+        if not (math.isfinite(gmm_init_spread) and gmm_init_spread >= 0):
+            raise ValueError(f"gmm_init_spread must be a finite number >= 0, got {gmm_init_spread}")
         self.temperature_probs, self.guidance = gmm_temperature_probs, gmm_guidance
         self.dequantize = gmm_dequantize
-        self.net = MixtureMLP(z_dim, token_dim, gmm_components, gmm_d, gmm_w)
+        self.net = MixtureMLP(z_dim, token_dim, gmm_components, gmm_d, gmm_w, gmm_init_spread)
         # Since construction: the density-guided draws (one per channel), and those of them the
         # rejection sampler gave up on (an unguided draw instead). Evaluation reports both.
         self.guided_draws, self.exhausted = 0, 0

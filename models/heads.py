@@ -33,6 +33,8 @@ class Head(Protocol):
             sample folder and the results (the diffusion head: num_sampling_steps).
         CHOICES (needed for a text setting): {setting: allowed values}, the flag's choices and
             what a saved file is checked against (the mixture head: gmm_guidance).
+        many_targets (optional, default False): forward also takes several targets per row,
+            target (N, M, D) (the energy head; training's --score_targets).
     Instance counters (optional): `guided_draws` and `exhausted`, for a head that samples
     guidance by rejection (the mixture head): its guided draws since it was built, and those
     that fell back to unguided ones; evaluation reports both.

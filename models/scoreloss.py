@@ -1,14 +1,20 @@
 """The EAR output head: an MLP generator trained with the energy score.
 
 For every token the Transformer emits a hidden state z. The generator turns z and a fresh
-uniform noise vector into one sample of the token, so calling it twice with the same z gives two
-independent samples x1, x2 from the distribution it has learned for that token. The energy score
+uniform noise vector into one sample of the token, so calling it N times with the same z gives N
+independent samples x_1..x_N from the distribution P it has learned for that token. With d(a, b)
+= ||a - b||^alpha, the loss maximises the score
 
-    S(x1, x2, y) = tau * ||x1 - x2||^alpha - ||x1 - y||^alpha - ||x2 - y||^alpha
+    S = tau * mean over pairs i < j of d(x_i, x_j)  -  (2 / N) * sum_i mean_m d(x_i, y_m)
 
-rewards samples that are close to the target y while staying spread out. Its expectation is
-maximised exactly when the generator's distribution equals the data distribution (a strictly
-proper scoring rule for alpha in (0, 2) and tau = 1), so training needs no likelihood.
+against the token's targets y_1..y_M. With N = 2 and one target y (the paper's) this is
+tau * d(x1, x2) - d(x1, y) - d(x2, y). For every N >= 2 and M >= 1 it is an unbiased estimate of
+tau * E d(X, X') - 2 E d(X, Y) (X, X' ~ P independent, Y the target's distribution): every pair
+term has expectation E d(X, X'), every draw-target term E d(X, Y), and the weights sum to 1 and 2.
+That expectation is maximised exactly when P equals the target distribution (a strictly proper
+scoring rule for alpha in (0, 2) and tau = 1), so training needs no likelihood. More draws
+(`score_samples`) use N(N-1)/2 pairs for N generator rows (one call); more targets (`score_targets`, drawn by
+the training loop from the tokenizer's posterior) average the fidelity term over them.
 """
 import torch
 import torch.nn as nn
@@ -25,32 +31,58 @@ def check_alpha_temperature(alpha: float, train_temperature: float) -> None:
                          "the loss is unbounded below")
 
 
-def energy_score(x1: torch.Tensor, x2: torch.Tensor, target: torch.Tensor,
-                 alpha: float = 1.0, temperature: float = 1.0) -> torch.Tensor:
-    """Per-row energy score of two samples against a target (higher is better).
+def distance(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """||a - b||^alpha over the last dimension: (..., D) -> (...)."""
+    # At initialisation the generator outputs exactly 0, so two samples are equal and their
+    # distance is 0, where d/dn n^alpha is infinite for alpha < 1. Take the power of every
+    # distance but an exact zero: same value, gradient 0 at a zero distance instead of NaN.
+    # (Testing `n == 0` rather than `n > 0` lets a NaN distance through as NaN, so the training
+    # guard sees it.)
+    n = torch.linalg.vector_norm(a - b, dim=-1)
+    zero = n == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, n).pow(alpha))
 
-    x1, x2, target: (N, D). Returns (N,).
+
+def energy_score(draws, target: torch.Tensor, alpha: float = 1.0,
+                 temperature: float = 1.0) -> torch.Tensor:
+    """Per-row energy score of N >= 2 independent draws against the targets (higher is better).
+
+    draws: N tensors (R, D), draw i of every row. target: (R, D), one target per row, or
+    (R, M, D), M targets per row. Returns (R,): tau * mean_{i<j} d(x_i, x_j) - (2/N) sum_i
+    mean_m d(x_i, y_m). With N = 2 and one target the operations are tau * d12 - d1 - d2's, bit
+    for bit. Otherwise the score is recomputed in backward rather than kept: autograd holds the
+    draws and targets only, not the N(N-1)/2 pair differences (R, D) or the (R, M, D) ones.
     """
-    def dist(a, b):
-        # At initialisation the generator outputs exactly 0, so x1 == x2 and the distance is 0,
-        # where d/dn n^alpha is infinite for alpha < 1. Take the power of every distance but an
-        # exact zero: same value, gradient 0 at a zero distance instead of NaN. (Testing `n == 0`
-        # rather than `n > 0` lets a NaN distance through as NaN, so the training guard sees it.)
-        n = torch.linalg.vector_norm(a - b, dim=-1)
-        zero = n == 0
-        return torch.where(zero, 0.0, torch.where(zero, 1.0, n).pow(alpha))
-    return temperature * dist(x1, x2) - dist(x1, target) - dist(x2, target)
+    n = len(draws)
+    if n < 2:
+        raise ValueError(f"the energy score needs at least 2 draws per row, got {n}")
+    if (n > 2 or target.dim() == 3) and torch.is_grad_enabled():
+        return checkpoint(pairs_and_targets, target, alpha, temperature, *draws, use_reentrant=False)
+    return pairs_and_targets(target, alpha, temperature, *draws)
+
+
+def pairs_and_targets(target: torch.Tensor, alpha: float, temperature: float, *draws) -> torch.Tensor:
+    """energy_score's formula, term by term: the pairs one at a time, then each draw's targets."""
+    n = len(draws)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    score = temperature * (sum(distance(draws[i], draws[j], alpha) for i, j in pairs) / len(pairs))
+    for x in draws:
+        fidelity = (distance(x, target, alpha) if target.dim() == 2
+                    else distance(x[:, None], target, alpha).mean(1))
+        score = score - (2 / n) * fidelity
+    return score
 
 
 def masked_rows(target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor = None,
                 copies: int = 1) -> tuple:
     """The rows of target (N, D) and z (N, C) where mask (N,) is 1 (all rows when mask is None),
     each repeated `copies` times, so that a head spends nothing on the rows that do not count:
-    ((M * copies, D), (M * copies, C))."""
+    ((M * copies, D), (M * copies, C)). A target (N, T, D) of T targets per row keeps them:
+    (M * copies, T, D)."""
     if mask is not None:
         keep = mask.bool()
         target, z = target[keep], z[keep]
-    return target.repeat(copies, 1), z.repeat(copies, 1)
+    return target.repeat(copies, *[1] * (target.dim() - 1)), z.repeat(copies, 1)
 
 
 def guided_hidden_state(z: torch.Tensor, cfg: float) -> torch.Tensor:
@@ -167,10 +199,17 @@ class ScoreLoss(nn.Module):
         noise_channels: dimension of the Uniform[-0.5, 0.5] input noise.
         alpha: exponent of the distances, in (0, 2].
         train_temperature: weight tau <= 1 of the sample-sample distance in the loss.
-        score_batch_mul: each masked token is scored with this many independent sample pairs.
+        score_batch_mul: each masked token is scored this many times, each time with its own
+            draws (the loss averages them).
+        score_samples: N >= 2, the generator's draws per scoring (2: the paper's pair). A masked
+            token costs score_batch_mul * score_samples generator rows: the paper's recipe
+            (score_batch_mul 2, N 2) and score_batch_mul 1 with N 4 both run 4 rows per token and
+            estimate the same expectation, the second from 6 pairs instead of 2.
+    The loss takes one target per row, or several (training's --score_targets): (N, M, D).
     """
     attribute = "scoreloss"  # the reference checkpoints' prefix
     own_optimizer_group = True
+    many_targets = True  # forward takes (R, M, D) targets (training's --score_targets)
     FLAGS = {
         "scoreloss_d": ("generator depth", True),
         "scoreloss_w": ("generator width", True),
@@ -179,7 +218,9 @@ class ScoreLoss(nn.Module):
         "train_temperature": ("weight (<= 1) of the sample-sample distance in the loss", False),
         # The flag defaults to 1, as the reference's does; the constructor keeps 2, the paper's
         # setting and this project's earlier default. The third entry is the flag's default.
-        "score_batch_mul": ("independent sample pairs per masked token", False, 1),
+        "score_batch_mul": ("times each masked token is scored, each with its own draws", False, 1),
+        "score_samples": ("generator draws per scoring (2: the paper's pair; the diversity term "
+                          "averages all N(N-1)/2 pairs)", False),
     }
     SIZES = {"ear_base": dict(scoreloss_d=6, scoreloss_w=1024),
              "ear_large": dict(scoreloss_d=8, scoreloss_w=1280),
@@ -188,14 +229,17 @@ class ScoreLoss(nn.Module):
 
     def __init__(self, token_dim: int, z_dim: int, scoreloss_d: int = 6, scoreloss_w: int = 1024,
                  noise_channels: int = 64, alpha: float = 1.0, train_temperature: float = 1.0,
-                 score_batch_mul: int = 2):
+                 score_batch_mul: int = 2, score_samples: int = 2):
         super().__init__()
         check_alpha_temperature(alpha, train_temperature)
         if score_batch_mul < 1:
             raise ValueError(f"score_batch_mul must be >= 1, got {score_batch_mul}")
+        if score_samples < 2:
+            raise ValueError(f"score_samples must be >= 2 (the diversity term compares draws), "
+                             f"got {score_samples}")
         self.alpha = alpha
         self.train_temperature = train_temperature
-        self.score_batch_mul = score_batch_mul
+        self.score_batch_mul, self.score_samples = score_batch_mul, score_samples
         self.net = NoiseMLP(z_dim, scoreloss_w, scoreloss_d, token_dim, noise_channels)
 
     def generate(self, z: torch.Tensor, temperature=1.0) -> torch.Tensor:
@@ -207,13 +251,14 @@ class ScoreLoss(nn.Module):
     def forward(self, target: torch.Tensor, z: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
         """Mean negative energy score.
 
-        target: (N, D), z: (N, C), mask: optional (N,), 1 = row enters the loss. Rows with mask 0
-        are dropped before the generator runs, so they cost nothing and change nothing. Each
-        kept row is repeated `score_batch_mul` times, each copy with its own pair of samples.
+        target: (R, D), or (R, M, D) for M targets per row; z: (R, C); mask: optional (R,),
+        1 = row enters the loss. Rows with mask 0 are dropped before the generator runs, so they
+        cost nothing and change nothing. Each kept row is repeated `score_batch_mul` times, each
+        copy with its own `score_samples` draws, all from one generator call.
         """
         target, z = masked_rows(target, z, mask, self.score_batch_mul)
-        x1, x2 = self.generate(torch.cat([z, z])).chunk(2)
-        score = energy_score(x1, x2, target, self.alpha, self.train_temperature)
+        draws = self.generate(torch.cat([z] * self.score_samples)).chunk(self.score_samples)
+        score = energy_score(draws, target, self.alpha, self.train_temperature)
         return -score.mean()
 
     @torch.no_grad()

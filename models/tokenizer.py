@@ -3,8 +3,11 @@
 A tokenizer knows its stride (pixels per token-map position), the channels of the images it
 takes and of the maps it gives, and how to go both ways. The VAE tokenizer can also hand out
 its encoder's *moments* (mean and log-variance, (B, 2C, h, w)), which `main_cache.py` stores and
-training turns back into tokens with `from_moments`. Adding a tokenizer is one class plus one
-line in `TOKENIZERS`; `build_tokenizer` is the only place that looks at `--tokenizer`.
+training turns back into tokens with `from_moments`. For the energy score's several targets
+(--score_targets) a tokenizer also draws more samples of each image's tokens from the
+distribution the tokens are a draw of: the VAE's posterior, or the pixel grid's dequantisation
+noise (`--target_dequantize`). Adding a tokenizer is one class plus one line in `TOKENIZERS`;
+`build_tokenizer` is the only place that looks at `--tokenizer`.
 """
 from typing import Mapping
 
@@ -24,6 +27,7 @@ class VAETokenizer:
     stride = 16
     image_channels = 3
     cacheable = True
+    has_posterior = True  # the encoder's moments: targets can be drawn from them
 
     def __init__(self, vae_path, embed_dim: int = 16, precision: str = "fp32",
                  device=torch.device("cpu"), load: bool = True, channels_last: bool = None):
@@ -57,6 +61,17 @@ class VAETokenizer:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.from_moments(self.moments(images))
 
+    def tokens_and_targets(self, data: torch.Tensor, cached: bool, count: int) -> tuple:
+        """(tokens (B, C, h, w), targets (B, count, C, h, w) or None) of images (B, 3, H, W), or
+        of their cached moments when `cached`. The tokens are one posterior draw, as `encode`'s
+        (the same random numbers); with count > 1 the targets are that draw and count - 1 more,
+        independent ones. None for count 1: the tokens are the targets."""
+        moments = data if cached else self.moments(data)
+        tokens = self.from_moments(moments)
+        if count == 1:
+            return tokens, None
+        return tokens, torch.stack([tokens, *(self.from_moments(moments) for _ in range(count - 1))], 1)
+
     def encode_mean(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> tokens of the posterior mean (no draw): what an edit keeps of an image."""
         return DiagonalGaussian(self.moments(images)).mean * LATENT_SCALE
@@ -69,21 +84,37 @@ class VAETokenizer:
 
 class PixelTokenizer:
     """The image's own pixels in [-1, 1] are the tokens (stride 1): no network, no cache. With
-    `--patch_size p` the model groups p x p pixels into one token."""
+    `--patch_size p` the model groups p x p pixels into one token. `dequantize` (training's
+    --target_dequantize): pixels on a grid of levels this far apart (the digits: 0.125) are
+    read as draws from Uniform[level -+ dequantize / 2], and training targets are drawn from
+    that; 0: the pixels have no distribution to draw from."""
     stride = 1
     cacheable = False
+    dequantizable = True  # its targets can be drawn from dequantisation noise (--target_dequantize)
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, dequantize: float = 0.0):
         self.channels = self.image_channels = channels
+        self.dequantize = dequantize
 
     @classmethod
     def from_settings(cls, settings: Mapping, device, load: bool) -> "PixelTokenizer":
-        return cls(settings["vae_embed_dim"])
+        return cls(settings["vae_embed_dim"], settings.get("target_dequantize", 0.0))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images
 
     encode_mean = encode  # the pixels are the tokens: nothing to draw
+
+    def tokens_and_targets(self, images: torch.Tensor, cached: bool, count: int) -> tuple:
+        """(the images as tokens, targets (B, count, C, H, W): count draws of images + dequantize
+        * (U[0, 1) - 1/2)); targets None without dequantisation (count must then be 1)."""
+        if not self.dequantize:
+            if count != 1:
+                raise ValueError(f"{count} targets per token need a distribution to draw them "
+                                 "from: pixel tokens have one only with --target_dequantize")
+            return images, None
+        draws = [images + self.dequantize * (torch.rand_like(images) - 0.5) for _ in range(count)]
+        return images, torch.stack(draws, 1)
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens.clamp(-1, 1)

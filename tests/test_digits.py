@@ -38,8 +38,8 @@ def test_pixel_tokens_round_trip_exactly():
     assert torch.equal(model.unpatchify(tokens), images)
     # The training batches are the pixels themselves; decoding gives them back.
     tokenizer = PixelTokenizer(channels=1)
-    latents, labels = TokenBatches(tokenizer, False, torch.device("cpu"))((images, ds.labels[:32]))
-    assert torch.equal(latents, images)
+    latents, labels, targets = TokenBatches(tokenizer, False, torch.device("cpu"))((images, ds.labels[:32]))
+    assert torch.equal(latents, images) and targets is None
     assert torch.equal(tokenizer.decode(latents), images)
 
 

@@ -308,6 +308,10 @@ def test_a_mixture_head_samples_and_exports_and_its_guidance_is_checked(tmp_path
     out = pretrained.export(run, tmp_path / "out")
     assert pretrained.read(str(out))[0]["gmm_guidance"] == "density"
     config = json.loads((out / pretrained.CONFIG).read_text())
+    # An export from before --gmm_init_spread existed reads as GIVT's initialisation.
+    (out / pretrained.CONFIG).write_text(json.dumps({k: v for k, v in config.items()
+                                                     if k != "gmm_init_spread"}))
+    assert pretrained.read(str(out))[0]["gmm_init_spread"] == 0.0
     (out / pretrained.CONFIG).write_text(json.dumps({**config, "gmm_guidance": "both"}))
     (tmp_path / "g.png").unlink()
     assert "config.json: gmm_guidance is 'both', expected one of ['density', 'hidden']" \

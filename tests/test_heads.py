@@ -102,17 +102,24 @@ def fit_toy(head, steps: int, lr: float, dtype=torch.float32):
     return energy_distance(head.sample(z.expand(2000, -1)).double(), mixture(2000))
 
 
-def test_gmm_head_learns_a_2d_mixture():
-    """GIVT's linear head with 16 components holds the 8 Gaussians exactly. Measured: 0.002
-    (the energy head: 0.020; two sets of true samples: 0.002)."""
+@pytest.mark.parametrize("spread", [0.0, 0.5])
+def test_gmm_head_learns_a_2d_mixture_once_its_components_differ(spread):
+    """GIVT's linear head with 16 components holds the 8 Gaussians exactly, once its components
+    differ. GIVT's zero-initialised output layer starts them equal, and equal components get
+    equal gradients: with a constant z in float64 nothing separates them, and the head stays one
+    Gaussian. --gmm_init_spread starts the means apart. Measured: 0.090 tied (one Gaussian),
+    0.0012 apart at 0.5 (0.014 at 0.1 and 0.3; the energy head: 0.020; two sets of true samples:
+    0.002)."""
     torch.manual_seed(0)
-    head = GMMLoss(2, 8, gmm_components=16, gmm_d=0).double()
-    # GIVT's zero-initialised output layer starts all 16 components equal, and equal components
-    # get equal gradients: only rounding tells them apart, which a constant z in float64 never
-    # provides (energy distance 0.090 without this nudge: one Gaussian).
-    with torch.no_grad():
-        head.net.out.bias.normal_(0, 0.1)
-    assert fit_toy(head, 600, 1e-2, torch.float64) < 0.01
+    head = GMMLoss(2, 8, gmm_components=16, gmm_d=0, gmm_init_spread=spread).double()
+    distance = fit_toy(head, 600, 1e-2, torch.float64)
+    _, means, scales = head.net(torch.randn(1, 8, dtype=torch.float64))
+    if spread:
+        assert distance < 0.01
+    else:
+        assert torch.equal(means, means[:, :1].expand_as(means))
+        assert torch.equal(scales, scales[:, :1].expand_as(scales))
+        assert distance > 0.05
 
 
 def test_diffusion_head_learns_a_2d_mixture():

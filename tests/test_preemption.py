@@ -63,15 +63,17 @@ def kill_self(name: str):
     return lambda: os.kill(os.getpid(), signal.Signals[name])
 
 
-@pytest.mark.parametrize("sig, workers, accumulation, at, saved", [
+@pytest.mark.parametrize("sig, workers, accumulation, at, saved, loss", [
     # Epoch 1's micro-batch 5 (17 = 12 + 5) is fetched: step 5 ends, the next micro-batch is 6.
-    ("SIGUSR1", 0, 1, 17, (1, 6)),
-    # Between the two micro-batches of epoch 1's step 1: that step ends first, saved at 4.
-    ("SIGTERM", 2, 2, 15, (1, 4)),
+    ("SIGUSR1", 0, 1, 17, (1, 6), []),
+    # Between the two micro-batches of epoch 1's step 1: that step ends first, saved at 4. With
+    # 3 targets per token drawn from the cached moments and 3 draws: the resumed run draws the
+    # same targets and noise.
+    ("SIGTERM", 2, 2, 15, (1, 4), ["--score_targets", 3, "--score_samples", 3]),
 ])
 def test_a_signal_inside_an_epoch_saves_there_and_resuming_is_exact(
-        cache, tmp_path, monkeypatch, capsys, sig, workers, accumulation, at, saved):
-    flags = [*EXACT, "--num_workers", workers, "--accumulation_steps", accumulation]
+        cache, tmp_path, monkeypatch, capsys, sig, workers, accumulation, at, saved, loss):
+    flags = [*EXACT, "--num_workers", workers, "--accumulation_steps", accumulation, *loss]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_in_process(train_args(cache, straight, *flags))
     # A second signal (SIGINT, Python's KeyboardInterrupt by default) while the file is written.
@@ -114,8 +116,9 @@ def test_the_clock_saves_inside_an_epoch_and_training_goes_on(cache, tmp_path, m
 def test_torchrun_stopped_by_sigterm_resumes_exactly(cache, tmp_path):
     """SIGTERM to the torchrun launcher, as a scheduler sends it: torchrun forwards it to each
     rank's process group (loader workers included); the ranks finish the step, agree, rank 0
-    saves, all exit. Two loader workers per rank, accumulation over 2 micro-batches."""
-    flags = [*EXACT, "--num_workers", 2, "--accumulation_steps", 2]
+    saves, all exit. Two loader workers per rank, accumulation over 2 micro-batches, and 2
+    targets per token drawn from the cached moments by each rank's own generator."""
+    flags = [*EXACT, "--num_workers", 2, "--accumulation_steps", 2, "--score_targets", 2]
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_script("main_ear.py", train_args(cache, straight, *flags), nproc=2)
     # Sent while epoch 1's step 0 is between its micro-batches; rank 0 then waits 2 s, so that

@@ -56,7 +56,7 @@ def test_loss_matches_float64_formula(alpha, tau, k):
     expected = numpy_loss(x1, x2, tm, alpha, tau)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     # The pure per-row score agrees with numpy in float64 too.
-    score = energy_score(x1.double(), x2.double(), tm.double(), alpha, tau)
+    score = energy_score([x1.double(), x2.double()], tm.double(), alpha, tau)
     assert -score.mean().item() == pytest.approx(expected, rel=1e-12)
 
     # Unmasked rows change nothing: perturb them and get the identical loss.
@@ -71,7 +71,7 @@ def test_a_nan_distance_stays_nan():
     """The zero-distance guard must not turn NaN into 0: the training guard needs to see it."""
     x = torch.zeros(3, 2)
     target = torch.tensor([[0.0, 0.0], [float("nan"), 0.0], [1.0, 0.0]])
-    score = energy_score(x, x.clone(), target)
+    score = energy_score([x, x.clone()], target)
     assert score[0] == 0 and torch.isnan(score[1]) and score[2] == -2.0
 
 
@@ -94,7 +94,7 @@ def test_expected_score_prefers_the_true_distribution():
 
     def expected_loss(sampler):
         x1, x2 = sampler(n), sampler(n)
-        return float(-energy_score(x1, x2, y).mean())
+        return float(-energy_score([x1, x2], y).mean())
 
     true = expected_loss(lambda m: mixture(m, g))
     shifted = expected_loss(lambda m: mixture(m, g) + torch.tensor([0.5, 0.0], dtype=torch.float64))

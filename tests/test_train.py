@@ -216,7 +216,7 @@ def test_non_finite_gradients_stop_before_the_update_without_a_loss_scaler():
                        torch.amp.GradScaler("cpu", enabled=False), "fp32", torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     hook = model.z_proj.weight.register_hook(lambda g: g * float("nan"))
-    batch = [(torch.randn(4, 4, 2, 2), torch.tensor([0, 1, 2, 0]))]
+    batch = [(torch.randn(4, 4, 2, 2), torch.tensor([0, 1, 2, 0]), None)]
     with pytest.raises(NonFiniteLoss, match="gradient norm"):
         optimizer_step(state, batch, argparse.Namespace(grad_clip=3.0))
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
@@ -461,7 +461,7 @@ def test_accumulation_matches_one_large_batch():
     torch.manual_seed(0)
     x, labels = torch.randn(8, 4, 2, 2), torch.randint(0, 3, (8,))
     results = []
-    for micro in ([(x, labels)], [(x[:4], labels[:4]), (x[4:], labels[4:])]):
+    for micro in ([(x, labels, None)], [(x[:4], labels[:4], None), (x[4:], labels[4:], None)]):
         torch.manual_seed(0)
         model = tiny_model()
         make_deterministic(model)

@@ -273,6 +273,15 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "No effect on the CPU")
     g.add_argument("--no_tf32", action="store_false", dest="tf32",
                    help="CUDA: full float32 matmuls and convolutions")
+    g = p.add_argument_group("energy-score targets (--head energy)")
+    g.add_argument("--score_targets", type=int, default=1,
+                   help="targets per masked token, drawn from the tokenizer's posterior (the VAE's "
+                        "cached moments; pixels: --target_dequantize); the fidelity term averages "
+                        "over them (default 1: the token itself, the paper's)")
+    g.add_argument("--target_dequantize", type=float, default=0.0,
+                   help="pixel tokens on a grid of levels this far apart (the digits: 0.125): "
+                        "targets are drawn uniformly within half of it around each pixel "
+                        "(default 0: the pixels themselves)")
     g = p.add_argument_group("data source")
     g.add_argument("--dataset", default="imagenet", choices=["imagenet", "digits"],
                    help="imagenet: an image folder (--data_path) or its cache (--cached_path); "

@@ -19,7 +19,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from models.ear import EAR, named_sizes
-from models.tokenizer import build_tokenizer
+from models.heads import HEADS
+from models.tokenizer import TOKENIZERS, build_tokenizer
 from util.args import check_positive, check_sampling_args, network_settings, train_parser
 from util.distributed import DistInfo
 from util.errors import one_line_errors
@@ -53,6 +54,7 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     check_positive(args, "batch_size", "epochs", "accumulation_steps", "img_size",
                    "save_last_freq", "print_freq", "eval_freq")
     check_sampling_args(args)
+    check_target_args(args)
     parse_signals(args.save_signals)
     check_wandb(args)
     if not (math.isfinite(args.save_interval_minutes) and args.save_interval_minutes >= 0):
@@ -87,6 +89,32 @@ def resolve_args(args: argparse.Namespace, info: DistInfo) -> None:
     if (args.evaluate or args.online_eval) and args.num_iter > seq_len:
         raise SystemExit(f"error: --num_iter {args.num_iter} is more than the {seq_len} tokens "
                          "of an image: at most one step per token")
+
+
+def check_target_args(args: argparse.Namespace) -> None:
+    """--score_targets and --target_dequantize: where the energy score's targets come from."""
+    check_positive(args, "score_targets")
+    width = args.target_dequantize
+    if not (math.isfinite(width) and width >= 0):
+        raise SystemExit(f"error: --target_dequantize must be a finite number >= 0 (0: off), got {width}")
+    if (args.score_targets > 1 or width) and not getattr(HEADS[args.head], "many_targets", False):
+        raise SystemExit(f"error: --score_targets and --target_dequantize shape the energy head's "
+                         f"loss; --head {args.head} takes one target per token"
+                         + (" (the mixture head has --gmm_dequantize)" if args.head == "gmm" else ""))
+    # Optional tokenizer attributes: `has_posterior` (targets drawn from it), `dequantizable`
+    # (pixels on a grid: --target_dequantize); without them, a tokenizer has neither.
+    tokenizer = TOKENIZERS[args.tokenizer]
+    posterior = getattr(tokenizer, "has_posterior", False)
+    dequantizable = getattr(tokenizer, "dequantizable", False)
+    if width and not dequantizable:
+        raise SystemExit(f"error: --target_dequantize is for pixel tokens: --tokenizer "
+                         f"{args.tokenizer} " + ("draws its targets from its posterior" if posterior
+                                                 else "cannot draw dequantised targets"))
+    if args.score_targets > 1 and not (posterior or width):
+        raise SystemExit(f"error: --score_targets {args.score_targets}: --tokenizer "
+                         f"{args.tokenizer} has no distribution to draw targets from" +
+                         ("; pass --target_dequantize WIDTH (the gap between pixel levels; the "
+                          "digits: 0.125)" if dequantizable else ""))
 
 
 # ----- model and tokenizer ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ from util.checkpoint import CHECKPOINT_NAME, load_training_checkpoint
 from util.distributed import MainRankFailed, run_on_main
 from util.fileio import atomic_write
 from util.settings import (FORMAT, check_config, check_epoch, check_names, check_network_settings,
-                           check_same_config, check_settings_fit)
+                           check_same_config, check_settings_fit, TRAINING_TARGETS)
 from util.weights import load_state_dict_strict, read_weights
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
@@ -65,6 +65,8 @@ def export(checkpoint_dir, out_dir, use_ema: bool = True, license: str = DEFAULT
               "epoch": ckpt["epoch"], "weights": "ema" if key == "model_ema" else "raw",
               "run": Path(checkpoint_dir).resolve().name,
               "dataset_classes": getattr(settings, "dataset_classes", None)}
+    if getattr(HEADS[settings.head], "many_targets", False):  # where its training targets came from
+        config.update({n: getattr(settings, n) for n in TRAINING_TARGETS})
     state = {k: v.contiguous() for k, v in ckpt[key].items()}
     card = model_card(config, settings, ckpt.get("step"), Path(checkpoint_dir) / EVAL_RESULTS,
                       license, repo_id)
@@ -201,7 +203,12 @@ def model_card(config: dict, settings, step, eval_results, license: str,
                f"{_text(getattr(settings, 'ema_rate', None))})" if config["weights"] == "ema"
                else "raw (the optimizer's, not the EMA)")
     shaping = [(name, _text(config[name])) for name in architecture_flags(head)]
-    about = [*shaping, ("dataset", _text(dataset)),
+    # The loss and sampling settings (they change no weight), and where the loss's targets came
+    # from in training (the energy head's --score_targets, --target_dequantize).
+    others = [(n, config[n]) for n in network_settings(head) if n not in architecture_flags(head)]
+    others += [(n, config[n]) for n in TRAINING_TARGETS if n in config]
+    about = [*shaping, ("other settings", ", ".join(f"{n} {_text(v)}" for n, v in others)),
+             ("dataset", _text(dataset)),
              ("dataset classes", _text(classes) if classes else f"all {class_num}"),
              ("trained epochs", trained), ("weights", weights),
              ("license", license + (" (none named when exporting)" if license == "other" else ""))]

@@ -78,10 +78,13 @@ def check_head_format(saved: dict, source) -> None:
                          f"weights: train it again")
 
 
+# Where the energy head's training targets came from (training flags, not the network's):
+# config.json records them for the energy head; files written before they existed lack them.
+TRAINING_TARGETS = ("score_targets", "target_dequantize")
 # Keys of config.json besides the network's settings ("exported_from": files of an earlier
 # version, which held the checkpoint's path there).
 CONFIG_KEYS = ("format", "model", "head", "tokenizer", "epoch", "weights", "run", "exported_from",
-               "dataset_classes")
+               "dataset_classes", *TRAINING_TARGETS)
 
 
 def check_names(settings: Mapping, source, required: bool) -> str:
@@ -102,10 +105,17 @@ def check_epoch(epoch, source) -> int:
     return epoch
 
 
+# Network settings added after exports were first written, each with the value a file without
+# it was trained with: the energy head drew 2 samples per scoring before --score_samples, and the
+# mixture head's components all started at 0 before --gmm_init_spread.
+LATER_SETTINGS = {"score_samples": 2, "gmm_init_spread": 0.0}
+
+
 def check_config(config, path) -> dict:
     """An exported config.json, checked before anything is built from it: a JSON object in
-    this format, known keys only, every network setting present and of its type, the names
-    known, the epoch a whole number."""
+    this format, known keys only, every network setting present (but those of LATER_SETTINGS,
+    which older files lack and get filled in) and of its type, the names known, the epoch a
+    whole number."""
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object of settings, found a "
                          f"{type(config).__name__}")
@@ -114,6 +124,7 @@ def check_config(config, path) -> dict:
     head = check_names(config, path, required=True)
     check_head_format(config, path)
     settings = network_settings(head)
+    config = {**{n: v for n, v in LATER_SETTINGS.items() if n in settings}, **config}
     unknown = sorted(set(config) - set(CONFIG_KEYS) - set(settings))
     missing = [n for n in ("epoch", *settings) if n not in config]
     if unknown or missing:
@@ -127,6 +138,11 @@ def check_config(config, path) -> dict:
                                     and all(type(c) is int and c >= 0 for c in classes)):
         raise ValueError(f"{path}: dataset_classes is {classes!r}, expected null or "
                          f"{config['class_num']} class ids (class_num)")
+    targets, width = config.get("score_targets", 1), config.get("target_dequantize", 0.0)
+    if not (type(targets) is int and targets >= 1):
+        raise ValueError(f"{path}: score_targets is {targets!r}, expected a whole number >= 1")
+    if not (type(width) in (int, float) and math.isfinite(width) and width >= 0):
+        raise ValueError(f"{path}: target_dequantize is {width!r}, expected a finite number >= 0")
     if config.get("weights", "ema") not in ("ema", "raw"):
         raise ValueError(f"{path}: weights is {config['weights']!r}, expected 'ema' or 'raw'")
     return config
