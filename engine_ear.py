@@ -27,11 +27,11 @@ from util.resumable import EpochPosition, Preempted, SaveRequests
 
 
 class TokenBatches:
-    """Turns a loader batch into (token map (B, C, h, w), labels (B,), targets) on the device,
-    through `tokenizer.tokens_and_targets` (cached moments or images). The targets are None
-    (the tokens are their own), unless the loss takes `targets` > 1 draws per token or the
-    tokenizer dequantises: then (B, targets, C, h, w), drawn from this rank's generator after
-    the tokens (so a resumed run draws the same)."""
+    """Turns a loader batch into (token map (B, C, h, w), labels (B,), targets) on the device:
+    cached moments through `tokenizer.from_moments`, images through `tokenizer.encode`. The
+    targets are None (the tokens are their own), unless the loss takes `targets` > 1 draws per
+    token or the tokenizer dequantises: then (B, targets, C, h, w) from the tokenizer, drawn
+    from this rank's generator after the tokens (so a resumed run draws the same)."""
 
     def __init__(self, tokenizer, cached: bool, device: torch.device, targets: int = 1):
         self.tokenizer, self.cached, self.device, self.targets = tokenizer, cached, device, targets
@@ -40,8 +40,11 @@ class TokenBatches:
     def __call__(self, batch):
         data = batch[0].to(self.device, non_blocking=True)
         labels = batch[1].to(self.device, non_blocking=True)
-        tokens, targets = self.tokenizer.tokens_and_targets(data, self.cached, self.targets)
-        return tokens, labels, targets
+        if self.targets > 1 or getattr(self.tokenizer, "dequantize", 0):
+            tokens, targets = self.tokenizer.tokens_and_targets(data, self.cached, self.targets)
+            return tokens, labels, targets
+        to_tokens = self.tokenizer.from_moments if self.cached else self.tokenizer.encode
+        return to_tokens(data), labels, None
 
 
 class NonFiniteLoss(RuntimeError):
